@@ -6,9 +6,12 @@ bias 2^(X-1)-1 and saturation, the convention of ../shared/papers/exmy.md §3
 (the eXmY paper's own defaults are unverified).
 """
 
+import dataclasses
 import re
 
+from qjax.formats import scaling as scaling_lib
 from qjax.formats.exmy import ExMy
+from qjax.formats.integer import NF4, Codebook, IntFormat
 
 
 def _preset(name: str, e: int, m: int, **kw) -> ExMy:
@@ -44,22 +47,78 @@ PRESETS: dict[str, ExMy] = {
 }
 
 _EXMY = re.compile(r"e(\d)m(\d{1,2})")
+_INT = re.compile(r"(u?)int(\d{1,2})")
+
+Format = ExMy | IntFormat | Codebook
 
 
-def get(name: "str | ExMy") -> ExMy:
-  """Returns the float format called `name` (an ExMy passes through).
+def get(name: "str | Format") -> Format:
+  """Returns the element format called `name` (a format passes through).
+
+  Names: ml_dtypes float names, any 'eXmY', 'intN' / 'uintN' (N = 2..16;
+  uint is for zero-point quantization), 'nf4'.
 
   Raises:
     ValueError: an unknown name; the message lists the known ones.
   """
-  if isinstance(name, ExMy):
+  if isinstance(name, (ExMy, IntFormat, Codebook)):
     return name
+  if not isinstance(name, str):
+    raise TypeError(f"a format name must be a string, got {name!r}")
   if name in PRESETS:
     return PRESETS[name]
+  if name == "nf4":
+    return NF4
   match = _EXMY.fullmatch(name)
   if match:
     return ExMy(int(match[1]), int(match[2]), name=name)
+  match = _INT.fullmatch(name)
+  if match and 2 <= int(match[2]) <= 16:
+    return IntFormat(int(match[2]), signed=not match[1], name=name)
   raise ValueError(
-    f"unknown float format {name!r}; known: {', '.join(PRESETS)}, or any "
-    "'eXmY' such as 'e3m3' (all-finite, default bias)"
+    f"unknown format {name!r}; known: {', '.join(PRESETS)}, nf4, any 'eXmY' "
+    "such as 'e3m3', 'intN'/'uintN', or a block format: "
+    f"{', '.join(BLOCK_FORMATS)}"
+  )
+
+
+def _mx_element(name: str) -> ExMy:
+  # MX elements saturate (OCP MX v1.0 conversion never overflows to Inf/NaN).
+  return dataclasses.replace(PRESETS[name], overflow="saturate")
+
+
+# name -> (element format, block size, scale format, tensor scale)
+BLOCK_FORMATS = {
+  "mxfp8_e4m3": (_mx_element("float8_e4m3fn"), 32, "e8m0", False),
+  "mxfp8_e5m2": (_mx_element("float8_e5m2"), 32, "e8m0", False),
+  "mxfp6_e3m2": (_mx_element("float6_e3m2fn"), 32, "e8m0", False),
+  "mxfp6_e2m3": (_mx_element("float6_e2m3fn"), 32, "e8m0", False),
+  "mxfp4": (_mx_element("float4_e2m1fn"), 32, "e8m0", False),
+  "mxint8": (
+    IntFormat(8, symmetric=True, step_exponent=-6, name="mxint8_element"),
+    32,
+    "e8m0",
+    False,
+  ),
+  "nvfp4": (_mx_element("float4_e2m1fn"), 16, "float8_e4m3fn", True),
+}
+
+
+def block_format(
+  name: str, axis: int = 0
+) -> tuple[Format, scaling_lib.Scaling]:
+  """(element format, scaling) of an OCP MX or NVFP4 preset.
+
+  Args:
+    name: one of BLOCK_FORMATS.
+    axis: the axis blocks run along; it should be the contraction axis
+      (0 for a Flax Dense kernel [in, out]).
+  """
+  if name not in BLOCK_FORMATS:
+    raise ValueError(
+      f"unknown block format {name!r}; known: {', '.join(BLOCK_FORMATS)}"
+    )
+  element, size, scale_format, tensor_scale = BLOCK_FORMATS[name]
+  return element, scaling_lib.Scaling(
+    "block", (axis,), (size,), scale_format, tensor_scale=tensor_scale
   )

@@ -1,0 +1,140 @@
+"""QTensor: packed codes + scales, a registered pytree.
+
+Invariants (checked by `validate`, never in __post_init__, because JAX
+rebuilds pytrees with tracers, ShapeDtypeStructs or None as leaves):
+  codes         uint8 [*shape[:-1], packed_size(shape[-1], fmt.bits)]: element
+                codes packed along the last axis (qjax.formats.pack).
+  scale         [*scaling.scale_shape(shape)] in scaling.scale_dtype():
+                float scales, or uint8 E8M0 / E4M3 codes.
+  zero          None, or zero points of scale's shape (unsigned ints).
+  tensor_scale  None, or a float32 scalar (NVFP4's second level).
+  fmt, scaling, shape, dtype are static: equal metadata never recompiles.
+
+dequantize() = (decode(codes) - zero) * scale [* tensor_scale], per block.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qjax.formats import exmy, integer, packing, presets
+from qjax.formats.scaling import Scaling
+
+Format = exmy.ExMy | integer.IntFormat | integer.Codebook
+_E4M3 = presets.get("float8_e4m3fn")
+_E8M0 = presets.get("float8_e8m0fnu")
+
+
+def decode_scale(stored: jax.Array, scaling: Scaling) -> jax.Array:
+  """Stored scales -> float32 scale values."""
+  if scaling.scale_format == "e8m0":
+    return _E8M0.decode(stored)
+  if scaling.scale_format == "float8_e4m3fn":
+    return _E4M3.decode(stored)
+  return stored.astype(jnp.float32)
+
+
+def expand_blocks(s: jax.Array, shape, block_shape) -> jax.Array:
+  """[*scale_shape] -> [*shape]: each block's value repeated over it."""
+  for axis, (n, b) in enumerate(zip(shape, block_shape, strict=True)):
+    if s.shape[axis] > 1:  # axes of one block just broadcast
+      s = jnp.repeat(s, b, axis=axis, total_repeat_length=s.shape[axis] * b)
+      s = jax.lax.slice_in_dim(s, 0, n, axis=axis)
+  return jnp.broadcast_to(s, shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class QTensor:
+  """A quantized tensor (see the module docstring for its invariants)."""
+
+  codes: jax.Array
+  scale: jax.Array
+  zero: jax.Array | None
+  tensor_scale: jax.Array | None
+  fmt: Format
+  scaling: Scaling
+  shape: tuple[int, ...]
+  dtype: np.dtype
+
+  def dequantize(self, dtype=None) -> jax.Array:
+    """The float tensor these codes and scales stand for, [*shape]."""
+    return _dequantize(self).astype(dtype or self.dtype)
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes really stored: packed codes, scales, zero points, tensor scale."""
+    leaves = (self.codes, self.scale, self.zero, self.tensor_scale)
+    return sum(
+      math.prod(x.shape) * np.dtype(x.dtype).itemsize
+      for x in leaves
+      if x is not None
+    )
+
+  @property
+  def bits_per_weight(self) -> float:
+    return 8 * self.nbytes / self.size if self.size else 0.0
+
+  def validate(self) -> None:
+    """Raises ValueError if the leaves break the class invariants."""
+    want = (
+      *self.shape[:-1],
+      packing.packed_size(self.shape[-1], self.fmt.bits),
+    )
+    if tuple(self.codes.shape) != want or self.codes.dtype != jnp.uint8:
+      raise ValueError(
+        f"codes are {self.codes.dtype}{list(self.codes.shape)}; expected "
+        f"uint8{list(want)} for shape {self.shape} at {self.fmt.bits} bits"
+      )
+    scale_shape = self.scaling.scale_shape(self.shape)
+    if tuple(self.scale.shape) != scale_shape:
+      raise ValueError(
+        f"scale has shape {tuple(self.scale.shape)}, expected {scale_shape}"
+      )
+    if np.dtype(self.scale.dtype) != self.scaling.scale_dtype():
+      raise ValueError(
+        f"scale dtype {self.scale.dtype} != {self.scaling.scale_dtype()}"
+      )
+    if (self.zero is None) == self.scaling.zero_point:
+      raise ValueError("zero points must be present iff scaling.zero_point")
+    if self.zero is not None and tuple(self.zero.shape) != scale_shape:
+      raise ValueError(f"zero has shape {self.zero.shape}, want {scale_shape}")
+    if (self.tensor_scale is None) == self.scaling.tensor_scale:
+      raise ValueError("tensor_scale must be present iff scaling.tensor_scale")
+
+  def __repr__(self) -> str:
+    return (
+      f"QTensor({self.fmt}, {self.scaling.spec()}, shape={self.shape}, "
+      f"{self.bits_per_weight:.3f} bits/weight)"
+    )
+
+
+jax.tree_util.register_dataclass(
+  QTensor,
+  data_fields=["codes", "scale", "zero", "tensor_scale"],
+  meta_fields=["fmt", "scaling", "shape", "dtype"],
+)
+
+
+def _dequantize(qt: QTensor) -> jax.Array:
+  codes = packing.unpack(qt.codes, qt.fmt.bits, qt.shape[-1])
+  values = qt.fmt.decode(codes)
+  block_shape = qt.scaling.block_shape(qt.shape)
+  if qt.zero is not None:
+    values = values - expand_blocks(
+      qt.zero.astype(jnp.float32), qt.shape, block_shape
+    )
+  scale = decode_scale(qt.scale, qt.scaling)
+  if qt.tensor_scale is not None:
+    scale = scale * qt.tensor_scale
+  return values * expand_blocks(scale, qt.shape, block_shape)
+
+
+def is_qtensor(x) -> bool:
+  return isinstance(x, QTensor)

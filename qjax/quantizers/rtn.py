@@ -1,0 +1,198 @@
+"""Round-to-nearest (RTN): one weight -> QTensor from its own statistics.
+
+Scales come from each block's absolute max (or min/max with a zero point),
+divided by the element format's max, stored in the scaling's scale format:
+  float32/bf16/f16  s = amax / max_elem, rounded to that dtype.
+  e8m0              OCP MX v1.0: s = 2^(floor(log2 amax) - emax_elem), with
+                    emax_elem = floor(log2 max_elem); elements saturate.
+  float8_e4m3fn     s = e4m3(clip(amax / max_elem, 2^-9, 448)); with a tensor
+                    scale (NVFP4), s_t = amax_tensor / (max_elem * 448) and the
+                    block scale is e4m3(amax_b / max_elem / s_t).
+With `clip_ratios`, each block also tries amax * r for every r and keeps the
+ratio with the smallest squared error (MSE clip search).
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qjax import qtensor
+from qjax.formats import exmy, integer, packing, presets
+from qjax.formats.scaling import Scaling
+
+_E4M3 = presets.get("float8_e4m3fn")
+_E4M3_TINY = _E4M3.smallest_subnormal
+
+
+def _saturating(fmt):
+  """Elements inside a scaled tensor saturate; they never become Inf/NaN."""
+  if isinstance(fmt, exmy.ExMy) and fmt.overflow != "saturate":
+    return dataclasses.replace(fmt, overflow="saturate")
+  return fmt
+
+
+def block_reduce(x: jax.Array, block_shape, reducer) -> jax.Array:
+  """Reduces each block of x: [*shape] -> [*ceil(shape / block_shape)].
+
+  A ragged last block is padded by repeating its last element, which leaves
+  max, min and amax unchanged (use it for those reductions only).
+  """
+  pads = [(0, -n % b) for n, b in zip(x.shape, block_shape, strict=True)]
+  if any(p for _, p in pads):
+    x = jnp.pad(x, pads, mode="edge")
+  split = []
+  for n, b in zip(x.shape, block_shape, strict=True):
+    split += [n // b, b]
+  return reducer(x.reshape(split), axis=tuple(range(1, len(split), 2)))
+
+
+def _sum_blocks(x, block_shape):
+  pads = [(0, -n % b) for n, b in zip(x.shape, block_shape, strict=True)]
+  return block_reduce(jnp.pad(x, pads), block_shape, jnp.sum)
+
+
+def element_max(fmt) -> float:
+  return float(fmt.max)
+
+
+def _scales(stat, fmt, scaling: Scaling, tensor_scale):
+  """Block statistic (amax) -> (stored scale, float32 scale value)."""
+  emax = element_max(fmt)
+  if scaling.scale_format == "e8m0":
+    emax_elem = math.floor(math.log2(emax))
+    biased = jax.lax.bitcast_convert_type(stat, jnp.uint32) >> 23
+    e = jnp.clip(biased.astype(jnp.int32) - 127 - emax_elem, -127, 127)
+    stored = (e + 127).astype(jnp.uint8)
+  elif scaling.scale_format == "float8_e4m3fn":
+    s = stat / emax
+    if tensor_scale is not None:
+      s = s / tensor_scale
+    stored = _E4M3.encode(jnp.clip(s, _E4M3_TINY, _E4M3.max))
+  else:
+    s = (stat / emax).astype(scaling.scale_dtype())
+    stored = jnp.where(s == 0, jnp.ones_like(s), s)  # all-zero block
+  value = qtensor.decode_scale(stored, scaling)
+  if tensor_scale is not None:
+    value = value * tensor_scale
+  return stored, value
+
+
+def _encode_with(x, fmt, scale_full, zero_full, rounding, key):
+  y = jnp.where(scale_full > 0, x / scale_full, 0.0)
+  if zero_full is not None:
+    y = y + zero_full
+  return fmt.encode(y, rounding=rounding, key=key)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _rtn(x, fmt, scaling: Scaling, clip_ratios, rounding, key):
+  shape = x.shape
+  block_shape = scaling.block_shape(shape)
+  expand = functools.partial(
+    qtensor.expand_blocks, shape=shape, block_shape=block_shape
+  )
+  tensor_scale = None
+  if scaling.tensor_scale:
+    amax_t = jnp.max(jnp.abs(x))
+    tensor_scale = amax_t / (element_max(fmt) * _E4M3.max)
+    tensor_scale = jnp.where(tensor_scale > 0, tensor_scale, 1.0)
+  if scaling.zero_point:
+    lo = block_reduce(x, block_shape, jnp.min)
+    hi = block_reduce(x, block_shape, jnp.max)
+  else:
+    amax = block_reduce(jnp.abs(x), block_shape, jnp.max)
+
+  def candidate(r):
+    if scaling.zero_point:
+      lo_r, hi_r = jnp.minimum(lo * r, 0.0), jnp.maximum(hi * r, 0.0)
+      # The range [lo, hi] spans qmax steps: s = (hi - lo) / qmax.
+      stored, value = _scales(hi_r - lo_r, fmt, scaling, tensor_scale)
+      value_full = expand(value)
+      zero = jnp.clip(jnp.round(-lo_r / value), 0, fmt.qmax)
+      zero = zero.astype(exmy.code_dtype(fmt.bits))
+      zero_full = expand(zero.astype(jnp.float32))
+    else:
+      stored, value = _scales(amax * r, fmt, scaling, tensor_scale)
+      value_full, zero, zero_full = expand(value), None, None
+    return stored, value, zero, value_full, zero_full
+
+  rkey = key if rounding == "stochastic" else None
+  if clip_ratios:
+    errors, choices = [], []
+    for r in clip_ratios:
+      stored, value, zero, value_full, zero_full = candidate(r)
+      codes = _encode_with(x, fmt, value_full, zero_full, "nearest_even", None)
+      deq = fmt.decode(codes)
+      if zero_full is not None:
+        deq = deq - zero_full
+      err = jnp.square(deq * value_full - x)
+      errors.append(_sum_blocks(err, block_shape))
+      choices.append((stored, zero))
+    best = jnp.argmin(jnp.stack(errors), axis=0)  # first minimum: larger r
+    stored = jnp.choose(best, [c[0] for c in choices], mode="clip")
+    zero = None
+    if scaling.zero_point:
+      zero = jnp.choose(best, [c[1] for c in choices], mode="clip")
+    value = qtensor.decode_scale(stored, scaling)
+    if tensor_scale is not None:
+      value = value * tensor_scale
+    value_full = expand(value)
+    zero_full = None if zero is None else expand(zero.astype(jnp.float32))
+  else:
+    stored, value, zero, value_full, zero_full = candidate(1.0)
+  codes = _encode_with(x, fmt, value_full, zero_full, rounding, rkey)
+  packed = packing.pack(codes, fmt.bits)
+  return packed, stored, zero, tensor_scale
+
+
+def rtn(
+  w: jax.Array,
+  fmt,
+  scaling: Scaling,
+  *,
+  clip_ratios: tuple[float, ...] = (),
+  rounding: str = "nearest_even",
+  key: jax.Array | None = None,
+) -> qtensor.QTensor:
+  """Round-to-nearest quantization of one weight.
+
+  Args:
+    w: [...] float weight (rank >= 1); codes are packed along its last axis.
+    fmt: element format (ExMy, IntFormat, Codebook). Unsigned IntFormat needs
+      `scaling.zero_point`; signed formats need it off.
+    scaling: how scales are shared and stored.
+    clip_ratios: ratios r to try per block (amax * r); empty = no search.
+    rounding: element rounding mode; 'stochastic' needs `key`.
+    key: jax.random key for stochastic rounding.
+
+  Returns:
+    A QTensor with w's shape and dtype.
+
+  Raises:
+    ValueError: a scalar weight, a block size that does not divide its axis,
+      or a format/zero-point mismatch.
+  """
+  w = jnp.asarray(w)
+  if w.ndim < 1:
+    raise ValueError("rtn quantizes tensors of rank >= 1, got a scalar")
+  unsigned = isinstance(fmt, integer.IntFormat) and not fmt.signed
+  if unsigned != scaling.zero_point:
+    raise ValueError(
+      f"{fmt} with zero_point={scaling.zero_point}: unsigned integer "
+      "elements need a zero point, and only they can have one"
+    )
+  if rounding == "stochastic" and key is None:
+    raise ValueError("rounding='stochastic' needs an explicit jax.random key")
+  scaling.block_shape(w.shape)  # raises on a block that does not divide
+  x = exmy.as_float32(w, "w")
+  packed, stored, zero, tensor_scale = _rtn(
+    x, _saturating(fmt), scaling, tuple(clip_ratios), rounding, key
+  )
+  return qtensor.QTensor(
+    packed, stored, zero, tensor_scale, fmt, scaling, tuple(w.shape),
+    np.dtype(w.dtype),
+  )
