@@ -7,8 +7,24 @@ Terms used throughout:
   tile     a kernel tile; unrelated to blocks.
 """
 
-from qjax import formats
-
 __version__ = "0.1.0"
 
-__all__ = ["formats", "__version__"]
+from qjax import formats  # noqa: E402
+from qjax.api import dequantize, plan, quantize, stats  # noqa: E402
+from qjax.qtensor import QTensor  # noqa: E402
+from qjax.quantizers.rtn import rtn  # noqa: E402
+from qjax.recipe import Recipe, Rule, rule  # noqa: E402
+
+__all__ = [
+  "QTensor",
+  "Recipe",
+  "Rule",
+  "__version__",
+  "dequantize",
+  "formats",
+  "plan",
+  "quantize",
+  "rtn",
+  "rule",
+  "stats",
+]

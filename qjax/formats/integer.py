@@ -134,7 +134,9 @@ class Codebook:
       raise ValueError(f"a codebook needs 2^b entries (b in 1..16), got {n}")
     t = np.asarray(self.table, np.float64)
     if not np.all(np.isfinite(t)) or np.any(np.diff(t) <= 0):
-      raise ValueError("codebook entries must be finite and strictly increasing")
+      raise ValueError(
+        "codebook entries must be finite and strictly increasing"
+      )
     object.__setattr__(self, "table", tuple(float(np.float32(v)) for v in t))
 
   @property

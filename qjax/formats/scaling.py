@@ -71,8 +71,10 @@ class Scaling:
     elif self.mode == "channel" and len(self.axes) != 1:
       raise ValueError(f"channel scaling takes one axis, got {self.axes}")
     if self.tensor_scale and self.scale_format != "float8_e4m3fn":
-      raise ValueError("tensor_scale is the NVFP4 scheme: it needs "
-                       "scale_format='float8_e4m3fn'")
+      raise ValueError(
+        "tensor_scale is the NVFP4 scheme: it needs "
+        "scale_format='float8_e4m3fn'"
+      )
 
   def block_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
     """Block extents per axis for a tensor of `shape`.
@@ -124,7 +126,8 @@ class Scaling:
     elif self.mode == "channel":
       s = f"channel{self.axes[0]}"
     else:
-      s = "block" + "x".join(f"{n}@{a}" for n, a in zip(self.sizes, self.axes))
+      pairs = zip(self.sizes, self.axes, strict=True)
+      s = "block" + "x".join(f"{n}@{a}" for n, a in pairs)
     s += f"_{self.scale_format}"
     s += "_zp" * self.zero_point + "_ts" * self.tensor_scale
     return s + "_ragged" * self.ragged
@@ -158,6 +161,10 @@ def per_block(
 ) -> Scaling:
   """Blocks of `size` along `axis` (0 = a Dense kernel's input axis)."""
   return Scaling(
-    "block", (axis,), (size,), scale_format, zero_point=zero_point,
+    "block",
+    (axis,),
+    (size,),
+    scale_format,
+    zero_point=zero_point,
     ragged=ragged,
   )

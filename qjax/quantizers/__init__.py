@@ -1,5 +1,4 @@
-"""Quantizers: one weight (and optionally its input statistics) -> QTensor."""
+"""Quantizers: one weight (and optionally its input statistics) -> QTensor.
 
-from qjax.quantizers.rtn import rtn
-
-__all__ = ["rtn"]
+rtn.rtn   round-to-nearest, with MSE clip search and stochastic rounding.
+"""

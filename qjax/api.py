@@ -1,0 +1,155 @@
+"""quantize / dequantize / stats over parameter pytrees."""
+
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qjax import qtensor
+from qjax.quantizers.rtn import rtn
+from qjax.recipe import Recipe
+
+_METHODS = {"rtn": rtn}
+
+
+def path_str(path) -> str:
+  """'/'-joined keys of a jax tree path."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def plan(params, recipe: Recipe) -> dict[str, str]:
+  """path -> how `quantize` will treat that leaf (for logs and dry runs)."""
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  return {
+    path_str(p): recipe.match(path_str(p), np.ndim(x))[1] for p, x in leaves
+  }
+
+
+def _check_finite(path: str, w, nan_policy: str):
+  finite = jnp.isfinite(w)
+  if bool(jnp.all(finite)):
+    return w
+  if nan_policy == "zero":
+    return jnp.where(finite, w, jnp.zeros_like(w))
+  n_nan = int(jnp.sum(jnp.isnan(w)))
+  n_inf = int(jnp.sum(jnp.isinf(w)))
+  raise ValueError(
+    f"parameter {path!r} has {n_nan} NaN and {n_inf} Inf values; fix the "
+    "weights or set nan_policy='zero' on its rule"
+  )
+
+
+def quantize(params, recipe: Recipe, *, key: jax.Array | None = None):
+  """Quantizes every leaf a rule of `recipe` decides; others pass through.
+
+  Args:
+    params: a pytree of float arrays (e.g. Flax params).
+    recipe: the rules (see qjax.recipe).
+    key: jax.random key, split per leaf, for stochastic rounding rules.
+
+  Returns:
+    The same tree with QTensor leaves where rules applied.
+
+  Raises:
+    ValueError: NaN/Inf in a weight (naming its path) unless its rule sets
+      nan_policy='zero'; a block size that does not divide an axis (naming
+      the path).
+  Warns:
+    UserWarning listing rules that matched no leaf.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  used = set()
+  out = []
+  for i, (p, w) in enumerate(leaves):
+    path = path_str(p)
+    index, _ = recipe.match(path, np.ndim(w))
+    if index is None:
+      out.append(w)
+      continue
+    used.add(index)
+    r = recipe.rules[index]
+    w = _check_finite(path, jnp.asarray(w), r.nan_policy)
+    kwargs = dict(r.options)
+    if kwargs.get("rounding") == "stochastic":
+      if key is None:
+        raise ValueError(f"{path!r}: stochastic rounding needs quantize(key=)")
+      kwargs["key"] = jax.random.fold_in(key, i)
+    try:
+      out.append(_METHODS[r.method](w, r.fmt, r.scaling, **kwargs))
+    except (ValueError, TypeError) as e:
+      raise type(e)(f"parameter {path!r}: {e}") from e
+  unused = [
+    f"{i}: {r.pattern!r}"
+    for i, r in enumerate(recipe.rules)
+    if i not in used and r.method != "skip"
+  ]
+  if unused:
+    warnings.warn(
+      f"recipe rules matched no parameter: {', '.join(unused)}", stacklevel=2
+    )
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def dequantize(tree, dtype=None):
+  """Replaces every QTensor by its float tensor."""
+  return jax.tree_util.tree_map(
+    lambda x: x.dequantize(dtype) if qtensor.is_qtensor(x) else x,
+    tree,
+    is_leaf=qtensor.is_qtensor,
+  )
+
+
+def sqnr_db(reference, approx) -> float:
+  """10 log10(|x|^2 / |x - y|^2); inf when exact."""
+  x = np.asarray(reference, np.float64)
+  noise = np.sum((x - np.asarray(approx, np.float64)) ** 2)
+  return (
+    float("inf") if noise == 0 else float(10 * np.log10(np.sum(x**2) / noise))
+  )
+
+
+def stats(qtree, float_tree=None) -> dict[str, dict]:
+  """Per leaf: bits per weight, bytes stored, and SQNR against `float_tree`.
+
+  Unquantized leaves count their own bytes at their own dtype.
+  """
+  q_leaves = jax.tree_util.tree_leaves_with_path(
+    qtree, is_leaf=qtensor.is_qtensor
+  )
+  f_leaves = (
+    [None] * len(q_leaves)
+    if float_tree is None
+    else jax.tree_util.tree_leaves(float_tree)
+  )
+  out = {}
+  for (p, q), f in zip(q_leaves, f_leaves, strict=True):
+    if qtensor.is_qtensor(q):
+      entry = {
+        "bits_per_weight": q.bits_per_weight,
+        "bytes": q.nbytes,
+        "quantized": True,
+        "format": str(q.fmt),
+        "scaling": q.scaling.spec(),
+      }
+      if f is not None:
+        entry["sqnr_db"] = sqnr_db(f, q.dequantize(jnp.float32))
+    else:
+      size = math.prod(np.shape(q))
+      nbytes = size * np.dtype(q.dtype).itemsize
+      entry = {
+        "bits_per_weight": 8 * nbytes / max(size, 1),
+        "bytes": nbytes,
+        "quantized": False,
+      }
+    out[path_str(p)] = entry
+  return out

@@ -1,0 +1,162 @@
+"""Recipe: ordered rules from a parameter-path regex to a method and format.
+
+Paths are the '/'-joined keys of a parameter tree
+('encoder/layer_0/attention/query/kernel'). The first rule whose pattern
+`re.search`es a path decides it. Leaves no rule matches pass through
+unchanged. By default rank-0/1 leaves (biases, norm scales) and leaves whose
+path mentions 'embed', 'norm' or 'bias' are skipped, unless the deciding
+rule's own pattern names that word.
+
+A Recipe is frozen and hashable, so an equal recipe never recompiles.
+"""
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from qjax.formats import presets
+from qjax.formats.scaling import Scaling
+
+METHODS = ("rtn", "skip")
+NAN_POLICIES = ("raise", "zero")
+DEFAULT_SKIP_WORDS = ("embed", "norm", "bias")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One rule of a recipe.
+
+  Attributes:
+    pattern: regex searched in the '/'-joined parameter path.
+    method: 'rtn' or 'skip'.
+    fmt: element format (None for 'skip').
+    scaling: scale sharing (None for 'skip').
+    options: extra keyword arguments of the method, as sorted (name, value)
+      pairs, e.g. (('clip_ratios', (1.0, 0.9, 0.8)),).
+    nan_policy: 'raise' (NaN/Inf weights are an error naming the path) or
+      'zero' (they are replaced by 0 before quantizing).
+  """
+
+  pattern: str
+  method: str = "rtn"
+  fmt: Any = None
+  scaling: Scaling | None = None
+  options: tuple[tuple[str, Any], ...] = ()
+  nan_policy: str = "raise"
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(
+        f"rule {self.pattern!r}: unknown method {self.method!r}; known: "
+        f"{', '.join(METHODS)}"
+      )
+    if self.nan_policy not in NAN_POLICIES:
+      raise ValueError(
+        f"rule {self.pattern!r}: nan_policy must be one of {NAN_POLICIES}"
+      )
+    try:
+      re.compile(self.pattern)
+    except re.error as e:
+      raise ValueError(
+        f"rule pattern {self.pattern!r} is not a regex: {e}"
+      ) from e
+    if self.method != "skip" and (self.fmt is None or self.scaling is None):
+      raise ValueError(f"rule {self.pattern!r} needs a format and a scaling")
+    object.__setattr__(self, "options", tuple(sorted(self.options)))
+
+  def names_default_skip(self, word: str) -> bool:
+    return word in self.pattern.lower()
+
+
+def rule(
+  pattern: str,
+  fmt: Any = None,
+  scaling: Scaling | None = None,
+  *,
+  method: str = "rtn",
+  axis: int = 0,
+  nan_policy: str = "raise",
+  **options,
+) -> Rule:
+  """Builds a Rule; `fmt` may be a name, a block format name ('mxfp4',
+  'nvfp4', ... blocked along `axis`) or a format object."""
+  if isinstance(fmt, str) and fmt in presets.BLOCK_FORMATS:
+    if scaling is not None:
+      raise ValueError(f"{fmt!r} fixes its own scaling; do not pass one")
+    fmt, scaling = presets.block_format(fmt, axis)
+  elif fmt is not None:
+    fmt = presets.get(fmt)
+  options = {
+    k: tuple(v) if isinstance(v, list) else v for k, v in options.items()
+  }
+  return Rule(pattern, method, fmt, scaling, tuple(options.items()), nan_policy)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  rules: tuple[Rule, ...]
+  skip_defaults: bool = True
+
+  def __post_init__(self):
+    object.__setattr__(self, "rules", tuple(self.rules))
+
+  def match(self, path: str, ndim: int) -> tuple[int | None, str]:
+    """(index of the deciding rule or None, reason) for one leaf."""
+    for i, r in enumerate(self.rules):
+      if not re.search(r.pattern, path):
+        continue
+      if r.method == "skip":
+        return None, f"skipped by rule {i} {r.pattern!r}"
+      if self.skip_defaults:
+        if ndim < 2 and not any(map(r.names_default_skip, DEFAULT_SKIP_WORDS)):
+          return None, f"rank {ndim}: skipped by default"
+        for word in DEFAULT_SKIP_WORDS:
+          if word in path.lower() and not r.names_default_skip(word):
+            return None, f"'{word}' leaves are skipped by default"
+      return i, f"rule {i} {r.pattern!r}"
+    return None, "no rule matched"
+
+  @classmethod
+  def from_config(cls, config: Mapping) -> "Recipe":
+    """From a mapping (e.g. an ml_collections ConfigDict):
+
+    {'rules': [{'pattern': 'kernel', 'format': 'int4',
+                'scaling': {'mode': 'block', 'axes': [0], 'sizes': [128]},
+                'options': {'clip_ratios': [1.0, 0.9]}}, ...],
+     'skip_defaults': True}
+    """
+    if hasattr(config, "to_dict"):
+      config = config.to_dict()
+    rules = []
+    for i, rc in enumerate(config["rules"]):
+      rc = dict(rc)
+      unknown = set(rc) - {
+        "pattern",
+        "format",
+        "scaling",
+        "method",
+        "axis",
+        "nan_policy",
+        "options",
+      }
+      if unknown:
+        raise ValueError(f"recipe rule {i}: unknown keys {sorted(unknown)}")
+      scaling = rc.get("scaling")
+      if isinstance(scaling, Mapping):
+        scaling = dict(scaling)
+        scaling["axes"] = tuple(scaling.get("axes", (-1,)))
+        scaling["sizes"] = tuple(scaling.get("sizes", ()))
+        scaling = Scaling(**scaling)
+      rules.append(
+        rule(
+          rc["pattern"],
+          rc.get("format"),
+          scaling,
+          method=rc.get("method", "rtn"),
+          axis=rc.get("axis", 0),
+          nan_policy=rc.get("nan_policy", "raise"),
+          **dict(rc.get("options", {})),
+        )
+      )
+    return cls(tuple(rules), config.get("skip_defaults", True))

@@ -1,0 +1,169 @@
+"""quantize / dequantize / stats over trees, driven by recipes."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest
+
+import qjax
+from qjax import formats
+from qjax.quantizers import rtn
+
+
+def _params():
+  k = jax.random.split(jax.random.key(0), 3)
+  return {
+    "embed": {"embedding": jax.random.normal(k[0], (50, 32))},
+    "layer": {
+      "attn": {
+        "kernel": jax.random.normal(k[1], (32, 64)),
+        "bias": jnp.zeros(64),
+      },
+      "mlp": {"kernel": jax.random.normal(k[2], (64, 32))},
+      "norm": {"scale": jnp.ones(32)},
+    },
+  }
+
+
+class QuantizeTest(absltest.TestCase):
+  def test_first_match_wins_and_defaults_skip(self):
+    recipe = qjax.Recipe(
+      (
+        qjax.rule("attn/kernel", "mxfp4"),
+        qjax.rule("kernel", "int4", formats.per_block(32)),
+      )
+    )
+    q = qjax.quantize(_params(), recipe)
+    self.assertEqual(str(q["layer"]["attn"]["kernel"].fmt), "float4_e2m1fn")
+    self.assertEqual(str(q["layer"]["mlp"]["kernel"].fmt), "int4")
+    for untouched in (
+      q["embed"]["embedding"],
+      q["layer"]["attn"]["bias"],
+      q["layer"]["norm"]["scale"],
+    ):
+      self.assertIsInstance(untouched, jax.Array)
+    want = rtn.rtn(
+      _params()["layer"]["mlp"]["kernel"],
+      formats.get("int4"),
+      formats.per_block(32),
+    )
+    np.testing.assert_array_equal(q["layer"]["mlp"]["kernel"].codes, want.codes)
+    everything = qjax.Recipe((qjax.rule(".", "int8", formats.per_channel()),))
+    plan = qjax.plan(_params(), everything)
+    self.assertEqual(
+      plan["embed/embedding"], "'embed' leaves are skipped by default"
+    )
+    self.assertEqual(plan["layer/norm/scale"], "rank 1: skipped by default")
+    self.assertEqual(plan["layer/mlp/kernel"], "rule 0 '.'")
+
+  def test_a_rule_naming_embeddings_quantizes_them(self):
+    recipe = qjax.Recipe((qjax.rule("embed", "int8", formats.per_channel(0)),))
+    q = qjax.quantize(_params(), recipe)
+    self.assertIsInstance(q["embed"]["embedding"], qjax.QTensor)
+
+  def test_unused_rules_are_reported(self):
+    recipe = qjax.Recipe(
+      (
+        qjax.rule("kernel", "int8", formats.per_channel()),
+        qjax.rule("nope", "int4", formats.per_channel()),
+      )
+    )
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      qjax.quantize(_params(), recipe)
+    self.assertTrue(any("1: 'nope'" in str(w.message) for w in caught))
+
+  def test_nan_is_an_error_naming_the_path(self):
+    params = _params()
+    params["layer"]["mlp"]["kernel"] = (
+      params["layer"]["mlp"]["kernel"].at[3, 4].set(jnp.nan)
+    )
+    recipe = qjax.Recipe((qjax.rule("kernel", "int8", formats.per_channel()),))
+    with self.assertRaisesRegex(ValueError, "'layer/mlp/kernel' has 1 NaN"):
+      qjax.quantize(params, recipe)
+    lenient = qjax.Recipe(
+      (qjax.rule("kernel", "int8", formats.per_channel(), nan_policy="zero"),)
+    )
+    q = qjax.quantize(params, lenient)
+    self.assertEqual(float(q["layer"]["mlp"]["kernel"].dequantize()[3, 4]), 0)
+
+  def test_block_error_names_the_path(self):
+    recipe = qjax.Recipe((qjax.rule("kernel", "int4", formats.per_block(48)),))
+    with self.assertRaisesRegex(ValueError, "'layer/attn/kernel'.*48"):
+      qjax.quantize(_params(), recipe)
+
+  def test_unknown_names_list_choices(self):
+    with self.assertRaisesRegex(ValueError, "known: .*mxfp4"):
+      qjax.rule("kernel", "mxfp5")
+    with self.assertRaisesRegex(ValueError, "unknown method 'gptqq'"):
+      qjax.rule("kernel", "int4", formats.per_channel(), method="gptqq")
+    with self.assertRaisesRegex(ValueError, "unknown scale format"):
+      formats.Scaling(scale_format="e5m0")
+
+  def test_equal_recipes_compile_once(self):
+    def make():
+      return qjax.Recipe(
+        (
+          qjax.rule("kernel", "mxfp4"),
+          qjax.rule("kernel", "int4", formats.per_block(32)),
+        )
+      )
+
+    qjax.quantize(_params(), make())
+    before = rtn._rtn._cache_size()
+    self.assertEqual(make(), make())
+    self.assertEqual(hash(make()), hash(make()))
+    qjax.quantize(_params(), make())
+    self.assertEqual(rtn._rtn._cache_size(), before)
+
+  def test_from_config_matches_rule(self):
+    config = {
+      "rules": [
+        {"pattern": "mlp", "format": "nvfp4"},
+        {
+          "pattern": "kernel",
+          "format": "uint4",
+          "scaling": {
+            "mode": "block",
+            "axes": [0],
+            "sizes": [32],
+            "zero_point": True,
+          },
+          "options": {"clip_ratios": [1.0, 0.9]},
+        },
+      ]
+    }
+    recipe = qjax.Recipe.from_config(config)
+    self.assertEqual(
+      recipe.rules[1],
+      qjax.rule(
+        "kernel",
+        "uint4",
+        formats.per_block(32, zero_point=True),
+        clip_ratios=(1.0, 0.9),
+      ),
+    )
+    with self.assertRaisesRegex(ValueError, "unknown keys"):
+      qjax.Recipe.from_config({"rules": [{"pattern": "x", "fromat": "int4"}]})
+
+  def test_dequantize_and_stats(self):
+    params = _params()
+    recipe = qjax.Recipe((qjax.rule("kernel", "int8", formats.per_channel()),))
+    q = qjax.quantize(params, recipe)
+    back = qjax.dequantize(q)
+    self.assertEqual(jax.tree.structure(back), jax.tree.structure(params))
+    s = qjax.stats(q, params)
+    mlp = s["layer/mlp/kernel"]
+    self.assertEqual(mlp["bytes"], 64 * 32 + 32 * 4)
+    w = np.asarray(params["layer"]["mlp"]["kernel"], np.float64)
+    d = np.asarray(back["layer"]["mlp"]["kernel"], np.float64)
+    want = 10 * np.log10(np.sum(w**2) / np.sum((w - d) ** 2))
+    self.assertAlmostEqual(mlp["sqnr_db"], want, places=4)
+    self.assertGreater(mlp["sqnr_db"], 35)
+    self.assertFalse(s["layer/norm/scale"]["quantized"])
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,105 @@
+"""orbax checkpoints of quantized trees: exact round trips, loud failures."""
+
+import os
+import pathlib
+import tempfile
+from unittest import mock
+
+import jax
+import numpy as np
+from absl.testing import absltest
+
+import qjax
+from qjax import checkpoint, formats
+
+
+def _qtree():
+  k = jax.random.split(jax.random.key(0), 3)
+  params = {
+    "a": {"kernel": jax.random.normal(k[0], (64, 24))},
+    "b": {
+      "kernel": jax.random.normal(k[1], (32, 16)),
+      "bias": jax.random.normal(k[2], (16,)),
+    },
+  }
+  recipe = qjax.Recipe(
+    (
+      qjax.rule("a/kernel", "nvfp4"),
+      qjax.rule("kernel", "uint3", formats.per_block(16, zero_point=True)),
+    )
+  )
+  return qjax.quantize(params, recipe), recipe
+
+
+class CheckpointTest(absltest.TestCase):
+  def setUp(self):
+    super().setUp()
+    self.dir = pathlib.Path(tempfile.mkdtemp())
+
+  def test_round_trip_is_exact_without_the_recipe(self):
+    q, recipe = _qtree()
+    checkpoint.save(self.dir / "ck", q, recipe=recipe)
+    back = checkpoint.restore(self.dir / "ck")
+    self.assertEqual(
+      jax.tree.structure(back, is_leaf=qjax.qtensor.is_qtensor),
+      jax.tree.structure(q, is_leaf=qjax.qtensor.is_qtensor),
+    )
+    for x, y in zip(jax.tree.leaves(q), jax.tree.leaves(back), strict=True):
+      np.testing.assert_array_equal(x, y)
+      self.assertEqual(x.dtype, y.dtype)
+    qa, ba = q["a"]["kernel"], back["a"]["kernel"]
+    self.assertEqual(
+      (qa.fmt, qa.scaling, qa.shape), (ba.fmt, ba.scaling, ba.shape)
+    )
+    meta = checkpoint.load_metadata(self.dir / "ck")
+    self.assertEqual(meta["qjax_version"], qjax.__version__)
+    self.assertIn("a/kernel", meta["recipe"])
+
+  def _damage_data_files(self, path, how):
+    # orbax keeps per-process OCDBT data and a merged copy: damage both.
+    for victim in (path / "arrays").rglob("*"):
+      if not (victim.is_file() and victim.parent.name == "d"):
+        continue
+      data = victim.read_bytes()
+      mid = len(data) // 2
+      if how == "truncate":
+        victim.write_bytes(data[:mid])
+      else:
+        victim.write_bytes(
+          data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1 :]
+        )
+
+  def test_truncated_or_edited_checkpoint_is_an_error(self):
+    q, _ = _qtree()
+    for how in ("truncate", "edit"):
+      path = self.dir / how
+      checkpoint.save(path, q)
+      self._damage_data_files(path, how)
+      with self.assertRaisesRegex(ValueError, "corrupt|cannot read"):
+        checkpoint.restore(path)
+
+  def test_missing_metadata_is_incomplete(self):
+    q, _ = _qtree()
+    checkpoint.save(self.dir / "ck", q)
+    os.remove(self.dir / "ck" / "qjax.json")
+    with self.assertRaisesRegex(ValueError, "not a complete qjax checkpoint"):
+      checkpoint.restore(self.dir / "ck")
+
+  def test_interrupted_save_leaves_nothing(self):
+    q, _ = _qtree()
+    with mock.patch.object(
+      checkpoint.json, "dumps", side_effect=KeyboardInterrupt
+    ):
+      with self.assertRaises(KeyboardInterrupt):
+        checkpoint.save(self.dir / "ck", q)
+    self.assertEqual(list(self.dir.iterdir()), [])
+
+  def test_refuses_to_overwrite(self):
+    q, _ = _qtree()
+    checkpoint.save(self.dir / "ck", q)
+    with self.assertRaises(FileExistsError):
+      checkpoint.save(self.dir / "ck", q)
+
+
+if __name__ == "__main__":
+  absltest.main()
