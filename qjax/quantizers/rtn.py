@@ -55,6 +55,17 @@ def _sum_blocks(x, block_shape):
   return block_reduce(jnp.pad(x, pads), block_shape, jnp.sum)
 
 
+def divide(a: jax.Array, b) -> jax.Array:
+  """a / b correctly rounded, also when b is a scalar.
+
+  XLA rewrites division by a broadcast scalar into a multiplication by its
+  rounded reciprocal (off by an ulp about half the time); dividing by a full
+  array behind an optimization barrier keeps IEEE division.
+  """
+  b = jnp.broadcast_to(jnp.asarray(b, a.dtype), a.shape)
+  return a / jax.lax.optimization_barrier(b)
+
+
 def element_max(fmt) -> float:
   return float(fmt.max)
 
@@ -68,12 +79,12 @@ def _scales(stat, fmt, scaling: Scaling, tensor_scale):
     e = jnp.clip(biased.astype(jnp.int32) - 127 - emax_elem, -127, 127)
     stored = (e + 127).astype(jnp.uint8)
   elif scaling.scale_format == "float8_e4m3fn":
-    s = stat / emax
+    s = divide(stat, emax)
     if tensor_scale is not None:
-      s = s / tensor_scale
+      s = divide(s, tensor_scale)
     stored = _E4M3.encode(jnp.clip(s, _E4M3_TINY, _E4M3.max))
   else:
-    s = (stat / emax).astype(scaling.scale_dtype())
+    s = divide(stat, emax).astype(scaling.scale_dtype())
     stored = jnp.where(s == 0, jnp.ones_like(s), s)  # all-zero block
   value = qtensor.decode_scale(stored, scaling)
   if tensor_scale is not None:
@@ -98,7 +109,7 @@ def _rtn(x, fmt, scaling: Scaling, clip_ratios, rounding, key):
   tensor_scale = None
   if scaling.tensor_scale:
     amax_t = jnp.max(jnp.abs(x))
-    tensor_scale = amax_t / (element_max(fmt) * _E4M3.max)
+    tensor_scale = divide(amax_t, element_max(fmt) * _E4M3.max)
     tensor_scale = jnp.where(tensor_scale > 0, tensor_scale, 1.0)
   if scaling.zero_point:
     lo = block_reduce(x, block_shape, jnp.min)

