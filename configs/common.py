@@ -39,6 +39,9 @@ def base_config(model: str, args: dict) -> ml_collections.ConfigDict:
   c.method = args["method"]
   c.format = args["format"] or f"int{args['bits']}"
   c.block = args["block"]  # 0: one scale per output channel
+  # Blocks run along the input (contraction) axis: -2 of a Dense kernel
+  # [in, out] and of a conv kernel [kh, kw, in, out].
+  c.block_axis = -2
   c.scale_format = args["scale_format"]
   c.clip_ratios = args["clip_ratios"]
   c.ragged = True  # a short last block where the block does not divide

@@ -12,7 +12,7 @@ import numpy as np
 
 from qjax import datasets
 from qjax import eval as qeval
-from qjax.models import minilm, smollm2
+from qjax.models import fmnist_cnn, minilm, mobilenet_v2, smollm2
 
 
 class SmolLM2Task:
@@ -76,7 +76,64 @@ class MiniLMTask:
     return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
 
 
-TASKS = {t.name: t for t in (SmolLM2Task(), MiniLMTask())}
+class MobileNetV2Task:
+  """Fidelity to the float model on photos (no labelled ImageNet offline)."""
+
+  name = "mobilenet_v2"
+  quality = "top1_agreement"
+  higher_is_better = True
+
+  def load(self, config):
+    variables = mobilenet_v2.load_variables()
+    self._batch_stats = variables["batch_stats"]
+    return variables["params"]
+
+  def _logits(self, params, config):
+    images = mobilenet_v2.photos(config.eval.crops_per_photo)
+    return np.asarray(mobilenet_v2.logits(params, self._batch_stats, images))
+
+  def reference(self, params, config):
+    return self._logits(params, config)
+
+  def score(self, params, config, reference):
+    out = self._logits(params, config)
+    return {
+      "top1_agreement": qeval.top1_agreement(reference, out),
+      "kl": qeval.kl_divergence(reference, out),
+    }
+
+
+class FashionMnistTask:
+  """Test-set accuracy of the CNN qjax trained (experiments/train_...)."""
+
+  name = "fmnist_cnn"
+  quality = "accuracy"
+  higher_is_better = True
+
+  def load(self, config):
+    return fmnist_cnn.load_params()
+
+  @staticmethod
+  @functools.lru_cache(maxsize=1)
+  def _test():
+    return fmnist_cnn.load_split("test")
+
+  def reference(self, params, config):
+    return np.asarray(fmnist_cnn.logits(params, self._test()[0]))
+
+  def score(self, params, config, reference):
+    x, y = self._test()
+    out = np.asarray(fmnist_cnn.logits(params, x))
+    return {
+      "accuracy": qeval.accuracy(out, y),
+      "top1_agreement": qeval.top1_agreement(reference, out),
+    }
+
+
+TASKS = {
+  t.name: t
+  for t in (SmolLM2Task(), MiniLMTask(), MobileNetV2Task(), FashionMnistTask())
+}
 
 
 def get(name: str):

@@ -7,7 +7,9 @@ import numpy as np
 from absl.testing import absltest
 
 import qjax
+from configs import fmnist_cnn as fmnist_config
 from configs import minilm as minilm_config
+from configs import mobilenet_v2 as mobilenet_config
 from configs import smollm2 as smollm2_config
 from experiments import run_lib, sweep
 from qjax import checkpoint
@@ -52,6 +54,20 @@ class RunTest(absltest.TestCase):
     self.assertLen(m["layers"], 2 * 7)
     self.assertAlmostEqual(m["bits_per_weight"], 3 + 32 / 64, places=6)
 
+  def test_vision_runs(self):
+    config = fmnist_config.get_config("bits=8")
+    config.save_checkpoint = False
+    m = run_lib.run(config, tempfile.mkdtemp())
+    self.assertAlmostEqual(
+      m["quantized"]["accuracy"], m["float"]["accuracy"], delta=0.005
+    )
+    kl = []
+    for bits in (8, 4):
+      config = mobilenet_config.get_config(f"bits={bits},crops_per_photo=1")
+      config.save_checkpoint = False
+      kl.append(run_lib.run(config, tempfile.mkdtemp())["quantized"]["kl"])
+    self.assertLess(kl[0], kl[1])
+
   def test_sweep_orders_bits(self):
     entries = sweep._split(
       [
@@ -73,7 +89,9 @@ class BadInputTest(absltest.TestCase):
     config = minilm_config.get_config("layers=1")
     config.model = "gpt5"
     with self.assertRaisesRegex(
-      ValueError, "unknown model 'gpt5'; choices: minilm, smollm2"
+      ValueError,
+      "unknown model 'gpt5'; choices: fmnist_cnn, minilm, "
+      "mobilenet_v2, smollm2",
     ):
       run_lib.run(config, tempfile.mkdtemp())
     config = minilm_config.get_config("method=magic")
