@@ -23,9 +23,10 @@ not kept). Overflow is judged after rounding: a value whose rounded magnitude
 exceeds the largest finite code saturates (`overflow='saturate'`) or becomes
 Inf/NaN (`overflow='nonfinite'`; Inf for ieee, NaN for fn/fnuz).
 
-float8_e8m0fnu differs from ml_dtypes on float32 subnormal inputs in
-(2^-127, 1.5 * 2^-127): qjax rounds them to the nearest value 2^-127,
-ml_dtypes rounds them up to 2^-126.
+ml_dtypes' float8_e8m0fnu rounds every float32 *subnormal* input above
+2^-127 up to 2^-126 (inputs in (2^-127, 1.5 * 2^-127) are nearer 2^-127).
+The preset reproduces that with `subnormal_inputs_round_up=True`, so it
+matches ml_dtypes bit for bit; set it False for round-to-nearest.
 """
 
 import dataclasses
@@ -76,6 +77,14 @@ def as_float32(x, what: str = "x") -> jax.Array:
   return jnp.asarray(x).astype(jnp.float32)
 
 
+def as_codes(codes) -> jax.Array:
+  """Checks that `codes` are unsigned integers (any width)."""
+  codes = jnp.asarray(codes)
+  if not jnp.issubdtype(codes.dtype, jnp.unsignedinteger):
+    raise TypeError(f"codes must be unsigned integers, got {codes.dtype}")
+  return codes
+
+
 @dataclasses.dataclass(frozen=True)
 class ExMy:
   """A sign + X-bit exponent + Y-bit mantissa float format (static, hashable).
@@ -94,6 +103,8 @@ class ExMy:
     subnormals: False reads e = 0 as a normal binade and has no zero (E8M0);
       inputs below the smallest value encode as it, zero encodes as NaN.
     rounding: default rounding mode of `encode`.
+    subnormal_inputs_round_up: round float32 subnormal inputs up instead of
+      by `rounding` (ml_dtypes' float8_e8m0fnu does; see the module doc).
     name: display name; not part of equality.
   """
 
@@ -105,6 +116,7 @@ class ExMy:
   signed: bool = True
   subnormals: bool = True
   rounding: str = "nearest_even"
+  subnormal_inputs_round_up: bool = False
   name: str | None = dataclasses.field(default=None, compare=False)
 
   def __post_init__(self):
@@ -235,6 +247,8 @@ class ExMy:
       parts.append("nosub")
     if self.rounding != "nearest_even":
       parts.append(self.rounding)
+    if self.subnormal_inputs_round_up:
+      parts.append("subup")
     return "_".join(parts)
 
   # Codec. ------------------------------------------------------------------
@@ -259,10 +273,7 @@ class ExMy:
 
   def decode(self, codes) -> jax.Array:
     """Codes (any unsigned dtype, any shape) -> float32 values."""
-    codes = jnp.asarray(codes)
-    if not jnp.issubdtype(codes.dtype, jnp.unsignedinteger):
-      raise TypeError(f"codes must be unsigned integers, got {codes.dtype}")
-    return _decode(codes, self)
+    return _decode(as_codes(codes), self)
 
   def round(self, x, *, rounding: str | None = None, key=None) -> jax.Array:
     """decode(encode(x)): x rounded onto this format, as float32."""
@@ -300,6 +311,11 @@ def _encode(x: jax.Array, fmt: ExMy, rounding: str, key) -> jax.Array:
   else:
     parity = 0
   q = rounding_lib.round_shift(sig, shift, rounding, rbits, parity)
+  if fmt.subnormal_inputs_round_up:
+    up = rounding_lib.round_shift(sig, shift, "toward_zero") + (
+      (sig & ((jnp.uint32(1) << shift) - 1)) != 0
+    ).astype(_U32)
+    q = jnp.where(input_sub, up, q)
   # q in [2^y, 2^(y+1)] carries into the exponent field by plain addition.
   normal_mag = (jnp.maximum(d, 0).astype(_U32) << y) + q
   if fmt.subnormals:

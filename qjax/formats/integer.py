@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax.formats import rounding as rounding_lib
-from qjax.formats.exmy import as_float32, code_dtype
+from qjax.formats.exmy import as_codes, as_float32, code_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,10 +86,7 @@ class IntFormat:
     )
 
   def decode(self, codes) -> jax.Array:
-    codes = jnp.asarray(codes)
-    if not jnp.issubdtype(codes.dtype, jnp.unsignedinteger):
-      raise TypeError(f"codes must be unsigned integers, got {codes.dtype}")
-    return _int_decode(codes, self)
+    return _int_decode(as_codes(codes), self)
 
   def round(self, x, *, rounding: str | None = None, key=None) -> jax.Array:
     return self.decode(self.encode(x, rounding=rounding, key=key))
@@ -171,10 +168,8 @@ class Codebook:
     return _codebook_encode(as_float32(x), self)
 
   def decode(self, codes) -> jax.Array:
-    codes = jnp.asarray(codes)
-    if not jnp.issubdtype(codes.dtype, jnp.unsignedinteger):
-      raise TypeError(f"codes must be unsigned integers, got {codes.dtype}")
-    return jnp.take(jnp.asarray(self.values()), codes.astype(jnp.int32))
+    codes = as_codes(codes).astype(jnp.int32)
+    return jnp.take(jnp.asarray(self.values()), codes)
 
   def round(self, x, *, rounding: str | None = None, key=None) -> jax.Array:
     return self.decode(self.encode(x, rounding=rounding))

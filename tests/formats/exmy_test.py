@@ -1,5 +1,6 @@
 """ExMy against ml_dtypes (bit-exact) and against a slow reference."""
 
+import dataclasses
 import fractions
 
 import jax
@@ -133,11 +134,6 @@ class MlDtypesBitExactTest(parameterized.TestCase):
     fmt = formats.get(name)
     t = _numpy_type(name) if name != "bfloat16" else ml_dtypes.bfloat16
     x = _probe_inputs(fmt)
-    if name == "float8_e8m0fnu":
-      # ml_dtypes rounds float32 subnormals in (2^-127, 1.5 * 2^-127) up to
-      # 2^-126; nearest (ties away) gives 2^-127. Checked separately below.
-      bits = _as_bits(np.abs(x))
-      x = x[~((bits > 0x400000) & (bits < 0x600000))]
     with np.errstate(all="ignore"):
       want = x.astype(t)
     view = np.uint8 if fmt.bits <= 8 else np.uint16
@@ -168,12 +164,18 @@ class MlDtypesBitExactTest(parameterized.TestCase):
     finite = np.isfinite(want)
     np.testing.assert_array_equal(_as_bits(got[finite]), _as_bits(want[finite]))
 
-  def test_e8m0_float32_subnormals_round_to_nearest(self):
-    fmt = formats.get("float8_e8m0fnu")
+  def test_e8m0_float32_subnormal_inputs(self):
     bits = np.arange(0x400000, 0x800000, 997, dtype=np.uint32)
     x = bits.view(np.float32)
-    want = np.where(bits >= 0x600000, 1, 0)  # 1.5 * 2^-127 is the tie: up
-    np.testing.assert_array_equal(np.asarray(fmt.encode(x)), want)
+    preset = formats.get("float8_e8m0fnu")  # as ml_dtypes: anything above up
+    np.testing.assert_array_equal(
+      np.asarray(preset.encode(x)), np.where(bits > 0x400000, 1, 0)
+    )
+    nearest = dataclasses.replace(preset, subnormal_inputs_round_up=False)
+    # 1.5 * 2^-127 is the tie between 2^-127 and 2^-126: ties go up.
+    np.testing.assert_array_equal(
+      np.asarray(nearest.encode(x)), np.where(bits >= 0x600000, 1, 0)
+    )
 
   @parameterized.parameters(*ML_DTYPES_PRESETS)
   def test_limits_match_finfo(self, name):
@@ -364,7 +366,8 @@ class TransformsAndErrorsTest(parameterized.TestCase):
   def test_spec_is_canonical(self):
     self.assertEqual(formats.get("float8_e4m3fn").spec(), "e4m3_b7_fn")
     self.assertEqual(
-      formats.get("float8_e8m0fnu").spec(), "ue8m0_b127_fn_nosub_nearest_away"
+      formats.get("float8_e8m0fnu").spec(),
+      "ue8m0_b127_fn_nosub_nearest_away_subup",
     )
     self.assertEqual(str(formats.get("e3m3")), "e3m3")
 
