@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 from qjax import formats  # noqa: E402
 from qjax.api import dequantize, plan, quantize, stats  # noqa: E402
 from qjax.qtensor import QTensor  # noqa: E402
+from qjax.quantizers.gptq import gptq  # noqa: E402
 from qjax.quantizers.rtn import rtn  # noqa: E402
 from qjax.recipe import Recipe, Rule, rule  # noqa: E402
 
@@ -22,6 +23,7 @@ __all__ = [
   "__version__",
   "dequantize",
   "formats",
+  "gptq",
   "plan",
   "quantize",
   "rtn",

@@ -15,6 +15,7 @@ ratio with the smallest squared error (MSE clip search).
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -99,8 +100,23 @@ def _encode_with(x, fmt, scale_full, zero_full, rounding, key):
   return fmt.encode(y, rounding=rounding, key=key)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _rtn(x, fmt, scaling: Scaling, clip_ratios, rounding, key):
+class Grid(NamedTuple):
+  """A fixed quantization grid for a tensor x of shape [*shape].
+
+  stored/zero/tensor_scale are what a QTensor keeps; scale_full and
+  zero_full are the per-element scale and zero point ([*shape]; zero_full is
+  None without zero points), so that x ~ (code - zero_full) * scale_full.
+  """
+
+  stored: jax.Array
+  zero: jax.Array | None
+  tensor_scale: jax.Array | None
+  scale_full: jax.Array
+  zero_full: jax.Array | None
+
+
+def block_scales(x, fmt, scaling: Scaling, clip_ratios=()) -> Grid:
+  """The RTN grid of x: block scales (and zero points) from its statistics."""
   shape = x.shape
   block_shape = scaling.block_shape(shape)
   expand = functools.partial(
@@ -122,42 +138,56 @@ def _rtn(x, fmt, scaling: Scaling, clip_ratios, rounding, key):
       lo_r, hi_r = jnp.minimum(lo * r, 0.0), jnp.maximum(hi * r, 0.0)
       # The range [lo, hi] spans qmax steps: s = (hi - lo) / qmax.
       stored, value = _scales(hi_r - lo_r, fmt, scaling, tensor_scale)
-      value_full = expand(value)
       zero = jnp.clip(jnp.round(-lo_r / value), 0, fmt.qmax)
       zero = zero.astype(exmy.code_dtype(fmt.bits))
-      zero_full = expand(zero.astype(jnp.float32))
-    else:
-      stored, value = _scales(amax * r, fmt, scaling, tensor_scale)
-      value_full, zero, zero_full = expand(value), None, None
-    return stored, value, zero, value_full, zero_full
+      return Grid(
+        stored,
+        zero,
+        tensor_scale,
+        expand(value),
+        expand(zero.astype(jnp.float32)),
+      )
+    stored, value = _scales(amax * r, fmt, scaling, tensor_scale)
+    return Grid(stored, None, tensor_scale, expand(value), None)
 
+  if not clip_ratios:
+    return candidate(1.0)
+  errors, grids = [], []
+  for r in clip_ratios:
+    grid = candidate(r)
+    codes = _encode_with(
+      x, fmt, grid.scale_full, grid.zero_full, "nearest_even", None
+    )
+    err = jnp.square(dequantize_with(codes, fmt, grid) - x)
+    errors.append(_sum_blocks(err, block_shape))
+    grids.append(grid)
+  best = jnp.argmin(jnp.stack(errors), axis=0)  # first minimum: larger r
+  stored = jnp.choose(best, [g.stored for g in grids], mode="clip")
+  zero = None
+  if scaling.zero_point:
+    zero = jnp.choose(best, [g.zero for g in grids], mode="clip")
+  value = qtensor.decode_scale(stored, scaling)
+  if tensor_scale is not None:
+    value = value * tensor_scale
+  zero_full = None if zero is None else expand(zero.astype(jnp.float32))
+  return Grid(stored, zero, tensor_scale, expand(value), zero_full)
+
+
+def dequantize_with(codes, fmt, grid: Grid) -> jax.Array:
+  """(decode(codes) - zero_full) * scale_full, elementwise."""
+  values = fmt.decode(codes)
+  if grid.zero_full is not None:
+    values = values - grid.zero_full
+  return values * grid.scale_full
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _rtn(x, fmt, scaling: Scaling, clip_ratios, rounding, key):
+  grid = block_scales(x, fmt, scaling, clip_ratios)
   rkey = key if rounding == "stochastic" else None
-  if clip_ratios:
-    errors, choices = [], []
-    for r in clip_ratios:
-      stored, value, zero, value_full, zero_full = candidate(r)
-      codes = _encode_with(x, fmt, value_full, zero_full, "nearest_even", None)
-      deq = fmt.decode(codes)
-      if zero_full is not None:
-        deq = deq - zero_full
-      err = jnp.square(deq * value_full - x)
-      errors.append(_sum_blocks(err, block_shape))
-      choices.append((stored, zero))
-    best = jnp.argmin(jnp.stack(errors), axis=0)  # first minimum: larger r
-    stored = jnp.choose(best, [c[0] for c in choices], mode="clip")
-    zero = None
-    if scaling.zero_point:
-      zero = jnp.choose(best, [c[1] for c in choices], mode="clip")
-    value = qtensor.decode_scale(stored, scaling)
-    if tensor_scale is not None:
-      value = value * tensor_scale
-    value_full = expand(value)
-    zero_full = None if zero is None else expand(zero.astype(jnp.float32))
-  else:
-    stored, value, zero, value_full, zero_full = candidate(1.0)
-  codes = _encode_with(x, fmt, value_full, zero_full, rounding, rkey)
+  codes = _encode_with(x, fmt, grid.scale_full, grid.zero_full, rounding, rkey)
   packed = packing.pack(codes, fmt.bits)
-  return packed, stored, zero, tensor_scale
+  return packed, grid.stored, grid.zero, grid.tensor_scale
 
 
 def _auto_axes(x: jax.Array) -> jax.Array:

@@ -1,0 +1,227 @@
+"""GPTQ / OPTQ (Frantar et al., arXiv:2210.17323) on one weight, given H.
+
+Layout: a Flax Dense kernel W is [in, out]. The paper's "columns" are our
+input rows: one step quantizes a whole row W[i, :], vectorised over outputs,
+and pushes its error onto the rows not yet quantized (the OBS update):
+
+  e_i = (w_i - q_i) / U_ii,   w_j -= U_ij e_i  (j > i),
+  with H^-1 = U^T U, U upper triangular (Cholesky form, paper §4).
+
+Rows go in blocks of `block_size` (lazy batch updates, §4 step 2): inside a
+block row by row, then one matmul updates all later rows. The loops are
+`lax.fori_loop`s with a NamedTuple carry; the whole solve is one jitted call.
+
+The grid is fixed before the loop from the original weights, with qjax's
+RTN scale rules for the given scaling ("static groups" in the reference
+code: per channel, or blocks of g input rows as groups). With act-order,
+rows are visited by descending diag(H) (stable sort) while each row keeps
+its own group's scale, so act-order costs nothing at inference. The
+reference code's default "dynamic" groups (grids rebuilt from the updated
+weights at each group start) are not implemented yet.
+
+Dead inputs (H_ii = 0) get H_ii = 1 and a zero weight row (reference code).
+Damping adds `damp * mean(diag H)` to the diagonal (paper: 0.01).
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qjax import qtensor
+from qjax.formats import exmy, packing
+from qjax.formats.scaling import Scaling
+from qjax.quantizers import rtn
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+class GPTQInfo(NamedTuple):
+  """Diagnostics: the OBS loss estimate sum (w - q)^2 / (2 U_ii^2), and the
+  layer loss tr((W - Q)^T H (W - Q)) on the undamped H."""
+
+  loss_estimate: jax.Array
+  layer_loss: jax.Array
+
+
+class _Carry(NamedTuple):
+  w: jax.Array  # [in_p, out] weights, updated as rows are quantized
+  codes: jax.Array  # [in_p, out] element codes
+  q: jax.Array  # [in_p, out] dequantized values
+  loss: jax.Array  # scalar
+
+
+def _upper_cholesky_of_inverse(h):
+  """U with U^T U = H^-1, U upper triangular (paper §4 step 3)."""
+  lower = jnp.linalg.cholesky(h)
+  eye = jnp.eye(h.shape[0], dtype=h.dtype)
+  h_inv = jax.scipy.linalg.cho_solve((lower, True), eye)
+  return jnp.linalg.cholesky(h_inv).T
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+def _gptq(w, h, fmt, scaling, block_size, act_order, clip_ratios, damp):
+  n_in, n_out = w.shape
+  dead = jnp.diag(h) == 0
+  h = jnp.where(jnp.diag(dead), 1.0, h)
+  w = jnp.where(dead[:, None], 0.0, w)
+  grid = rtn.block_scales(w, fmt, scaling, clip_ratios)
+  scale, zero = grid.scale_full, grid.zero_full
+  if zero is None:
+    zero = jnp.zeros_like(scale)
+
+  perm = (
+    jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(n_in)
+  )
+  wp, sp, zp = w[perm], scale[perm], zero[perm]
+  hp = h[perm][:, perm]
+  hp = hp + damp * jnp.mean(jnp.diag(hp)) * jnp.eye(n_in)
+  u = _upper_cholesky_of_inverse(hp)
+
+  pad = -n_in % block_size  # static shapes: pad rows, identity in U
+  n_p = n_in + pad
+  wp = jnp.pad(wp, ((0, pad), (0, 0)))
+  sp = jnp.pad(sp, ((0, pad), (0, 0)), constant_values=1.0)
+  zp = jnp.pad(zp, ((0, pad), (0, 0)))
+  u = jnp.pad(u, ((0, pad), (0, pad)))
+  u = u + jnp.diag(jnp.concatenate([jnp.zeros(n_in), jnp.ones(pad)]))
+
+  code_dtype = exmy.code_dtype(fmt.bits)
+  rows = jnp.arange(n_p)
+
+  def quantize_row(x, s, z):
+    y = jnp.where(s > 0, x / s, 0.0) + z
+    codes = fmt.encode(y)
+    return codes, (fmt.decode(codes) - z) * s
+
+  def block(b, carry: _Carry) -> _Carry:
+    i1 = b * block_size
+    w1 = jax.lax.dynamic_slice_in_dim(carry.w, i1, block_size, 0)
+    u_rows = jax.lax.dynamic_slice_in_dim(u, i1, block_size, 0)  # [B, n_p]
+    u1 = jax.lax.dynamic_slice_in_dim(u_rows, i1, block_size, 1)  # [B, B]
+    s1 = jax.lax.dynamic_slice_in_dim(sp, i1, block_size, 0)
+    z1 = jax.lax.dynamic_slice_in_dim(zp, i1, block_size, 0)
+
+    def row(j, state):
+      w1, c1, q1, e1, loss = state
+      codes, q = quantize_row(w1[j], s1[j], z1[j])
+      d = u1[j, j]
+      err = (w1[j] - q) / d
+      # U1 is upper triangular: this only moves rows >= j of the block.
+      w1 = w1 - u1[j][:, None] * err[None, :]
+      loss = loss + jnp.sum(err**2) / 2  # (w - q)^2 / (2 U_ii^2)
+      return (w1, c1.at[j].set(codes), q1.at[j].set(q), e1.at[j].set(err), loss)
+
+    zeros = jnp.zeros((block_size, n_out))
+    w1, c1, q1, e1, loss = jax.lax.fori_loop(
+      0,
+      block_size,
+      row,
+      (w1, zeros.astype(code_dtype), zeros, zeros, carry.loss),
+    )
+    # Lazy batch update of every later row: W[i2:] -= U[i1:i2, i2:]^T E.
+    later = (rows >= i1 + block_size)[:, None]
+    update = jnp.matmul(u_rows.T, e1, precision=_HI)
+    w = jnp.where(later, carry.w - update, carry.w)
+    codes = jax.lax.dynamic_update_slice_in_dim(carry.codes, c1, i1, 0)
+    q = jax.lax.dynamic_update_slice_in_dim(carry.q, q1, i1, 0)
+    return _Carry(w, codes, q, loss)
+
+  init = _Carry(
+    wp,
+    jnp.zeros((n_p, n_out), code_dtype),
+    jnp.zeros((n_p, n_out)),
+    jnp.zeros(()),
+  )
+  out = jax.lax.fori_loop(0, n_p // block_size, block, init)
+  inverse = jnp.argsort(perm)
+  codes = out.codes[:n_in][inverse]
+  q = out.q[:n_in][inverse]
+  diff = w - q
+  layer_loss = jnp.sum(diff * jnp.matmul(h, diff, precision=_HI))
+  packed = packing.pack(codes, fmt.bits)
+  return (
+    packed,
+    grid.stored,
+    grid.zero,
+    grid.tensor_scale,
+    GPTQInfo(out.loss, layer_loss),
+  )
+
+
+def gptq(
+  w: jax.Array,
+  h: jax.Array,
+  fmt,
+  scaling: Scaling,
+  *,
+  block_size: int = 128,
+  damp: float = 0.01,
+  act_order: bool = False,
+  clip_ratios: tuple[float, ...] = (),
+) -> tuple[qtensor.QTensor, GPTQInfo]:
+  """GPTQ-quantizes one Dense kernel.
+
+  Args:
+    w: [in, out] kernel (Flax layout).
+    h: [in, in] Hessian proxy (2/n) X^T X of the layer's inputs; its scale
+      does not matter (damping is relative).
+    fmt: element format (ExMy, IntFormat, Codebook).
+    scaling: the grid; blocks, if any, must run along axis 0 (input rows).
+    block_size: rows per lazy batch update (paper: 128).
+    damp: relative diagonal damping (paper: 0.01).
+    act_order: visit rows by descending diag(H).
+    clip_ratios: MSE clip search for the grid, as in rtn.
+
+  Returns:
+    (QTensor of w's shape, GPTQInfo).
+
+  Raises:
+    ValueError: shapes disagree, the Hessian is not finite, or the damped
+      Hessian is not positive definite.
+  """
+  w = exmy.as_float32(w, "w")
+  h = jnp.asarray(h, jnp.float32)
+  if w.ndim != 2 or h.shape != (w.shape[0], w.shape[0]):
+    raise ValueError(
+      f"gptq needs w [in, out] and h [in, in]; got {w.shape} and {h.shape}"
+    )
+  if scaling.mode == "block" and any(a % 2 != 0 for a in scaling.axes):
+    # Groups are consecutive input rows: blocks along axis 0 (= -2) only.
+    raise ValueError(
+      f"gptq groups run along the input axis 0; got blocks along {scaling.axes}"
+    )
+  if not bool(jnp.all(jnp.isfinite(h))):
+    raise ValueError(
+      "the Hessian has NaN/Inf values: no calibration data reached this layer?"
+    )
+  scaling.block_shape(w.shape)
+  fmt_sat = rtn._saturating(fmt)
+  packed, stored, zero, tensor_scale, info = _gptq(
+    w,
+    h,
+    fmt_sat,
+    scaling,
+    block_size,
+    act_order,
+    tuple(clip_ratios),
+    float(damp),
+  )
+  if not bool(jnp.isfinite(info.loss_estimate)):
+    raise ValueError(
+      "the damped Hessian is not positive definite; raise "
+      "damp or check the calibration data"
+    )
+  qt = qtensor.QTensor(
+    packed,
+    stored,
+    zero,
+    tensor_scale,
+    fmt,
+    scaling,
+    tuple(w.shape),
+    np.dtype(w.dtype),
+  )
+  return qt, info
