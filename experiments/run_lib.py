@@ -16,10 +16,10 @@ import time
 
 import qjax
 from experiments import tasks
-from qjax import checkpoint, formats
+from qjax import calibration, checkpoint, formats
 from qjax import eval as qeval
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq")
 CSV_FIELDS = (
   "name",
   "model",
@@ -93,7 +93,17 @@ def run(config, workdir) -> dict:
   params = task.load(config)
   reference, float_scores = _float_scores(task, params, config)
   start = time.perf_counter()
-  qparams = qjax.quantize(params, recipe, progress=True)
+  if any(r.method == "gptq" for r in recipe.rules):
+    if not hasattr(task, "block_model"):
+      raise ValueError(
+        f"calibrated methods are not wired for {task.name!r} "
+        "yet; choices: smollm2"
+      )
+    qparams = calibration.quantize_sequential(
+      params, recipe, task.block_model(params), task.calibration_batches(config)
+    )
+  else:
+    qparams = qjax.quantize(params, recipe, progress=True)
   seconds = time.perf_counter() - start
   q_scores = task.score(qjax.dequantize(qparams), config, reference)
   layer_stats = {

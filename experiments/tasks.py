@@ -8,6 +8,7 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from qjax import datasets
@@ -33,6 +34,17 @@ class SmolLM2Task:
 
   def reference(self, params, config):
     return None
+
+  def block_model(self, params):
+    return smollm2.block_model(params)
+
+  def calibration_batches(self, config):
+    """Windows from the end of the text: disjoint from evaluation."""
+    window, count = config.calib.window, config.calib.windows
+    text = datasets.kjv_text()
+    ids = smollm2.tokenizer().encode(text[-8 * window * count :]).ids
+    windows = qeval.token_windows(ids, window, count, from_end=True)
+    return [jnp.asarray(w[None]) for w in windows]
 
   def score(self, params, config, reference):
     windows = self._windows(config.eval.window, config.eval.windows)

