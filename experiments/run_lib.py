@@ -19,7 +19,7 @@ from experiments import tasks
 from qjax import calibration, checkpoint, formats
 from qjax import eval as qeval
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "magr+rtn", "magr+gptq")
 CSV_FIELDS = (
   "name",
   "model",
@@ -35,24 +35,34 @@ CSV_FIELDS = (
 
 
 def recipe_from_config(config) -> qjax.Recipe:
-  """The config's explicit recipe, or one rule for every Dense kernel."""
+  """The config's explicit recipe, or one rule for every Dense/conv kernel."""
   if config.get("recipe"):
     return qjax.Recipe.from_config(config.recipe)
   if config.method not in METHODS:
     raise ValueError(
       f"unknown method {config.method!r}; choices: {', '.join(METHODS)}"
     )
-  options = (
-    {"clip_ratios": tuple(config.clip_ratios)} if config.clip_ratios else {}
-  )
+  options = {}
+  if config.clip_ratios:
+    options["clip_ratios"] = tuple(config.clip_ratios)
+  if config.method.endswith("gptq"):
+    options["act_order"] = bool(config.get("act_order", False))
+  if config.method.startswith("magr+"):
+    # Paper: alpha 1e-3 per channel, 1e-4 per group; code: 200 / 150 iters.
+    # MagR's l-inf stays per channel here (SmolLM2's 576 inputs do not
+    # split into groups of 128).
+    options["magr_alpha"] = 1e-4 if config.block else 1e-3
+    options["magr_iters"] = 150 if config.block else 200
+  axis = config.get("block_axis", -2)
   if config.format in formats.BLOCK_FORMATS:
-    return qjax.Recipe(
-      (qjax.rule("kernel", config.format, method=config.method, **options),)
+    rule = qjax.rule(
+      "kernel", config.format, axis=axis, method=config.method, **options
     )
+    return qjax.Recipe((rule,))
   if config.block:
     scaling = formats.per_block(
       config.block,
-      axis=0,
+      axis=axis,
       scale_format=config.scale_format,
       ragged=config.ragged,
     )
@@ -60,13 +70,10 @@ def recipe_from_config(config) -> qjax.Recipe:
     scaling = formats.per_channel(-1, scale_format=config.scale_format)
   if config.format.startswith("uint"):
     scaling = formats.Scaling(**{**scaling.to_dict(), "zero_point": True})
-  return qjax.Recipe(
-    (
-      qjax.rule(
-        "kernel", config.format, scaling, method=config.method, **options
-      ),
-    )
+  rule = qjax.rule(
+    "kernel", config.format, scaling, method=config.method, **options
   )
+  return qjax.Recipe((rule,))
 
 
 _FLOAT_CACHE = {}
@@ -93,7 +100,7 @@ def run(config, workdir) -> dict:
   params = task.load(config)
   reference, float_scores = _float_scores(task, params, config)
   start = time.perf_counter()
-  if any(r.method == "gptq" for r in recipe.rules):
+  if recipe.needs_calibration:
     if not hasattr(task, "block_model"):
       raise ValueError(
         f"calibrated methods are not wired for {task.name!r} "

@@ -11,9 +11,8 @@ from tqdm.auto import tqdm
 from qjax import qtensor
 from qjax.quantizers.gptq import gptq
 from qjax.quantizers.rtn import rtn
-from qjax.recipe import Recipe
-
-_NEEDS_HESSIAN = ("gptq",)
+from qjax.recipe import CALIBRATED, Recipe
+from qjax.transforms.magr import magr
 
 
 def path_str(path) -> str:
@@ -99,15 +98,7 @@ def quantize(
         raise ValueError(f"{path!r}: stochastic rounding needs quantize(key=)")
       kwargs["key"] = jax.random.fold_in(key, i)
     try:
-      if r.method in _NEEDS_HESSIAN:
-        if hessians is None or path not in hessians:
-          raise ValueError(
-            f"method {r.method!r} needs calibration statistics and none "
-            "reached this layer (see qjax.calibration)"
-          )
-        out.append(gptq(w, hessians[path], r.fmt, r.scaling, **kwargs)[0])
-      else:
-        out.append(rtn(w, r.fmt, r.scaling, **kwargs))
+      out.append(_apply_rule(r, w, hessians and hessians.get(path), kwargs))
     except (ValueError, TypeError) as e:
       raise type(e)(f"parameter {path!r}: {e}") from e
   unused = [
@@ -120,6 +111,23 @@ def quantize(
       f"recipe rules matched no parameter: {', '.join(unused)}", stacklevel=2
     )
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _apply_rule(r, w, h, kwargs):
+  if r.method in CALIBRATED and h is None:
+    raise ValueError(
+      f"method {r.method!r} needs calibration statistics and none reached "
+      "this layer (see qjax.calibration)"
+    )
+  magr_kwargs = {
+    k[5:]: kwargs.pop(k) for k in list(kwargs) if k.startswith("magr_")
+  }
+  if r.method.startswith("magr+"):
+    # MagR on the layer's full H (the authors use one sample's Gram matrix).
+    w = magr(w, h, **magr_kwargs)[0].astype(w.dtype)
+  if r.method.endswith("gptq"):
+    return gptq(w, h, r.fmt, r.scaling, **kwargs)[0]
+  return rtn(w, r.fmt, r.scaling, **kwargs)
 
 
 def dequantize(tree, dtype=None):

@@ -18,7 +18,8 @@ from typing import Any
 from qjax.formats import presets
 from qjax.formats.scaling import Scaling
 
-METHODS = ("rtn", "gptq", "skip")
+METHODS = ("rtn", "gptq", "magr+rtn", "magr+gptq", "skip")
+CALIBRATED = ("gptq", "magr+rtn", "magr+gptq")
 NAN_POLICIES = ("raise", "zero")
 DEFAULT_SKIP_WORDS = ("embed", "norm", "bias")
 
@@ -29,7 +30,9 @@ class Rule:
 
   Attributes:
     pattern: regex searched in the '/'-joined parameter path.
-    method: 'rtn', 'gptq' (needs calibration statistics) or 'skip'.
+    method: 'rtn', 'gptq', 'magr+rtn', 'magr+gptq' (all but rtn need
+      calibration statistics) or 'skip'. Options named magr_* (magr_alpha,
+      magr_iters, magr_group_size) go to MagR, the rest to the quantizer.
     fmt: element format (None for 'skip').
     scaling: scale sharing (None for 'skip').
     options: extra keyword arguments of the method, as sorted (name, value)
@@ -100,6 +103,10 @@ class Recipe:
 
   def __post_init__(self):
     object.__setattr__(self, "rules", tuple(self.rules))
+
+  @property
+  def needs_calibration(self) -> bool:
+    return any(r.method in CALIBRATED for r in self.rules)
 
   def match(self, path: str, ndim: int) -> tuple[int | None, str]:
     """(index of the deciding rule or None, reason) for one leaf."""

@@ -108,6 +108,21 @@ class BadInputTest(absltest.TestCase):
     ):
       package_files.package_dir("weights_x_not_here", "weights-x==1.0")
 
+  def test_flat_fields_reach_the_recipe(self):
+    rule = run_lib.recipe_from_config(
+      smollm2_config.get_config("method=gptq,bits=3,act_order=true")
+    ).rules[0]
+    self.assertEqual(dict(rule.options), {"act_order": True})
+    self.assertEqual(rule.scaling.axes, (-2,))
+    rule = run_lib.recipe_from_config(
+      smollm2_config.get_config("method=magr+gptq,block=0")
+    ).rules[0]
+    self.assertEqual(dict(rule.options)["magr_alpha"], 1e-3)
+    rule = run_lib.recipe_from_config(
+      mobilenet_config.get_config("format=mxfp4")
+    ).rules[0]
+    self.assertEqual(rule.scaling.axes, (-2,))  # conv input channels
+
   def test_recipe_override(self):
     config = minilm_config.get_config("layers=1")
     config.recipe = {"rules": [{"pattern": "query", "format": "mxfp4"}]}

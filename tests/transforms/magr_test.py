@@ -1,0 +1,95 @@
+"""MagR against a bisection prox and a slow NumPy solver, plus properties."""
+
+import numpy as np
+from absl.testing import absltest, parameterized
+
+from qjax.transforms import magr
+
+
+def _prox_bisection(v, t):
+  """sign(v) min(|v|, tau) with sum (|v| - tau)_+ = t; 0 if ||v||_1 <= t."""
+  a = np.abs(v)
+  if a.sum() <= t:
+    return np.zeros_like(v)
+  lo, hi = 0.0, a.max()
+  for _ in range(200):
+    tau = (lo + hi) / 2
+    if np.maximum(a - tau, 0).sum() > t:
+      lo = tau
+    else:
+      hi = tau
+  return np.sign(v) * np.minimum(a, (lo + hi) / 2)
+
+
+def _slow_magr(w0, h, alpha, iters, group=None):
+  w0 = w0.astype(np.float64)
+  hn = h.astype(np.float64) / np.linalg.eigvalsh(h.astype(np.float64))[-1]
+  w = w0.copy()
+  m, n = w.shape
+  g = group or m
+  for _ in range(iters):
+    v = w - hn @ (w - w0)
+    for j in range(n):
+      for s in range(0, m, g):
+        w[s : s + g, j] = _prox_bisection(v[s : s + g, j], alpha)
+  return w
+
+
+def _layer(seed, m=64, n=12, tokens=48):  # tokens < m: singular H
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((tokens, m))
+  w = rng.standard_normal((m, n)).astype(np.float32)
+  w[rng.integers(0, m, n), np.arange(n)] *= 6  # outliers to shrink
+  return w, (x.T @ x).astype(np.float32)
+
+
+class ProxTest(absltest.TestCase):
+  def test_prox_matches_bisection_and_properties(self):
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((40, 30)) * rng.uniform(0.01, 3, (1, 30))
+    for t in (0.05, 1.0, 30.0):
+      got = np.asarray(magr.prox_linf(v.astype(np.float32), t))
+      want = np.stack([_prox_bisection(v[:, j], t) for j in range(30)], 1)
+      np.testing.assert_allclose(got, want, atol=1e-5)
+      self.assertTrue(np.all(np.abs(got).max(0) <= np.abs(v).max(0) + 1e-6))
+    p = np.asarray(magr.project_l1_ball(v.astype(np.float32)))
+    self.assertTrue(np.all(np.abs(p).sum(0) <= 1 + 1e-5))
+
+
+class MagRTest(parameterized.TestCase):
+  @parameterized.parameters((None, 1e-3), (16, 1e-4))
+  def test_matches_slow_solver(self, group, alpha):
+    w, h = _layer(1)
+    got, _ = magr.magr(w, h, alpha=alpha, iters=30, group_size=group)
+    want = _slow_magr(w, h, alpha, 30, group)
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-3)
+
+  def test_objective_descends_and_ranges_shrink(self):
+    w, h = _layer(2)
+    out, info = magr.magr(w, h, alpha=1e-3, iters=200)
+    obj = np.asarray(info.objective)
+    self.assertTrue(np.all(np.diff(obj) <= 1e-5 * obj[0]))
+    self.assertLess(obj[-1], obj[0])
+    before, after = np.abs(w).max(0), np.abs(np.asarray(out)).max(0)
+    self.assertTrue(np.all(after <= before + 1e-6))
+    # The fit term is 0 at W0, so a lower objective means a smaller penalty.
+    self.assertLess(after.sum(), before.sum())
+
+  def test_alpha_zero_and_scale_invariance(self):
+    w, h = _layer(3)
+    same, _ = magr.magr(w, h, alpha=0.0, iters=20)
+    np.testing.assert_allclose(same, w, atol=1e-6)
+    a, _ = magr.magr(w, h, alpha=1e-3, iters=50)
+    b, _ = magr.magr(w, 7.0 * h, alpha=1e-3, iters=50)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+  def test_bad_input(self):
+    w, h = _layer(4)
+    with self.assertRaisesRegex(ValueError, "does not divide"):
+      magr.magr(w, h, group_size=24)
+    with self.assertRaisesRegex(ValueError, "w \\[in, out\\] and h"):
+      magr.magr(w, h[:3, :3])
+
+
+if __name__ == "__main__":
+  absltest.main()
