@@ -98,7 +98,8 @@ def quantize(
         raise ValueError(f"{path!r}: stochastic rounding needs quantize(key=)")
       kwargs["key"] = jax.random.fold_in(key, i)
     try:
-      out.append(_apply_rule(r, w, hessians and hessians.get(path), kwargs))
+      h = None if hessians is None else hessians.get(path)
+      out.append(_apply_rule(r, w, h, kwargs))
     except (ValueError, TypeError) as e:
       raise type(e)(f"parameter {path!r}: {e}") from e
   unused = [

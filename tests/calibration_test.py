@@ -86,8 +86,9 @@ class SequentialTest(absltest.TestCase):
       (qjax.rule("kernel", "int4", formats.per_channel(), method="gptq"),)
     )
     params = {"dense": {"kernel": jnp.ones((8, 4))}}
-    with self.assertRaisesRegex(ValueError, "'dense/kernel'.*calibration"):
-      qjax.quantize(params, recipe)
+    for hessians in (None, {}, {"other/kernel": jnp.eye(8)}):
+      with self.assertRaisesRegex(ValueError, "'dense/kernel'.*calibration"):
+        qjax.quantize(params, recipe, hessians=hessians)
 
 
 if __name__ == "__main__":
