@@ -12,6 +12,7 @@ import numpy as np
 from absl import app, flags
 
 from qjax import formats
+from qjax.api import sqnr_db
 
 _SHAPE = flags.DEFINE_list("shape", ["1024", "1024"], "weight shape")
 _FORMATS = flags.DEFINE_list(
@@ -30,11 +31,6 @@ _FORMATS = flags.DEFINE_list(
   ],
   "format names",
 )
-
-
-def sqnr_db(x: np.ndarray, y: np.ndarray) -> float:
-  noise = np.sum((x - y) ** 2)
-  return float(10 * np.log10(np.sum(x**2) / noise)) if noise else float("inf")
 
 
 def main(argv):
