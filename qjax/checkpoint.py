@@ -80,20 +80,24 @@ def save(path, qtree, *, recipe=None) -> None:
     meta.append(entry)
   tmp = path.with_name(f"{path.name}.partial-{uuid.uuid4().hex[:8]}")
   try:
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(tmp / "arrays", arrays)
-    checkpointer.wait_until_finished()
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(tmp / "arrays", arrays)
+      checkpointer.wait_until_finished()
     doc = {
       "qjax_version": __version__,
       "format_version": FORMAT_VERSION,
       "recipe": None if recipe is None else repr(recipe),
       "leaves": meta,
     }
-    (tmp / "qjax.json").write_text(json.dumps(doc, indent=1))
+    _write_manifest(tmp, doc)
     os.rename(tmp, path)  # the commit point
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def _write_manifest(directory: pathlib.Path, doc: dict) -> None:
+  (directory / "qjax.json").write_text(json.dumps(doc, indent=1))
 
 
 def load_metadata(path) -> dict:
