@@ -46,12 +46,18 @@ def base_config(model: str, args: dict) -> ml_collections.ConfigDict:
   c.clip_ratios = args["clip_ratios"]
   c.ragged = True  # a short last block where the block does not divide
   c.layers = args["layers"]  # 0: the whole model; >0: a slice for tests
+  c.magr_statistics = args["magr_statistics"]
+  c.shrink = args["shrink"]
+  c.cd_sweeps = args["cd_sweeps"]
   c.recipe = None  # or {'rules': [...]} to override the flat fields
   c.save_checkpoint = True
   c.name = (
     f"{model}_{c.method}_{c.format}"
     + (f"_g{c.block}" if c.block and c.format[:2] not in ("mx", "nv") else "")
     + ("_clip" if c.clip_ratios else "")
+    + ("_last" if c.magr_statistics == "last_sample" else "")
+    + (f"_beta{c.shrink:g}" if c.shrink else "")
+    + (f"_cd{c.cd_sweeps}" if c.cd_sweeps >= 0 else "")
   )
   return c
 
@@ -64,4 +70,10 @@ DEFAULTS = {
   "scale_format": "float32",
   "clip_ratios": (),
   "layers": 0,
+  # MagR (magr+rtn, magr+gptq): which statistics it sees ('hessian' or
+  # 'last_sample'), grid shrink beta (0: by bit width), coordinate-descent
+  # sweeps after GPTQ (-1: by bit width); see experiments.run_lib.
+  "magr_statistics": "hessian",
+  "shrink": 0.0,
+  "cd_sweeps": -1,
 }

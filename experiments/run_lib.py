@@ -34,6 +34,36 @@ CSV_FIELDS = (
 )
 
 
+def magr_options(config) -> dict:
+  """MagR's defaults from the authors' code, by bit width and granularity.
+
+  alpha 1e-3 per channel / 1e-4 per group, 200 / 150 iterations, the
+  l-inf per group of the quantizer's group size (a short last group where
+  it does not divide), grid step shrunk by beta = 0.8 / 0.9 / 1.0 at 2 / 3
+  / >= 4 bits, and for magr+gptq coordinate-descent sweeps after GPTQ (30 at
+  2 bits, else 1). Config fields shrink (> 0) and cd_sweeps (>= 0)
+  override; magr_statistics picks 'hessian' or 'last_sample'.
+  """
+  if config.format in formats.BLOCK_FORMATS:
+    fmt, scaling = formats.block_format(config.format)
+    bits, group = fmt.bits, scaling.sizes[0]
+  else:
+    bits, group = formats.get(config.format).bits, config.block or None
+  options = {
+    "magr_alpha": 1e-4 if group else 1e-3,
+    "magr_iters": 150 if group else 200,
+    "magr_group_size": group,
+    "magr_statistics": config.get("magr_statistics", "hessian"),
+    "shrink": {2: 0.8, 3: 0.9}.get(bits, 1.0),
+  }
+  if config.get("shrink", 0.0) > 0:
+    options["shrink"] = float(config.shrink)
+  if config.method == "magr+gptq":
+    sweeps = config.get("cd_sweeps", -1)
+    options["cd_sweeps"] = sweeps if sweeps >= 0 else (30 if bits == 2 else 1)
+  return options
+
+
 def recipe_from_config(config) -> qjax.Recipe:
   """The config's explicit recipe, or one rule for every Dense/conv kernel."""
   if config.get("recipe"):
@@ -48,11 +78,7 @@ def recipe_from_config(config) -> qjax.Recipe:
   if config.method.endswith("gptq"):
     options["act_order"] = bool(config.get("act_order", False))
   if config.method.startswith("magr+"):
-    # Paper: alpha 1e-3 per channel, 1e-4 per group; code: 200 / 150 iters.
-    # MagR's l-inf stays per channel here (SmolLM2's 576 inputs do not
-    # split into groups of 128).
-    options["magr_alpha"] = 1e-4 if config.block else 1e-3
-    options["magr_iters"] = 150 if config.block else 200
+    options.update(magr_options(config))
   axis = config.get("block_axis", -2)
   if config.format in formats.BLOCK_FORMATS:
     rule = qjax.rule(

@@ -73,6 +73,25 @@ class MiniLMTask:
     verses = datasets.kjv_text().split("\n")[:count]
     return minilm.encode(minilm.tokenizer(), verses)
 
+  def block_model(self, params):
+    return minilm.block_model(params)
+
+  def calibration_batches(self, config):
+    """Verses from the end of the text (disjoint from evaluation), batched."""
+    count, size = config.calib.sentences, config.calib.batch
+    verses = [v for v in datasets.kjv_text().split("\n") if v.strip()]
+    if count > len(verses) // 2:
+      raise ValueError(
+        f"calib_sentences={count}: the text has {len(verses)} verses and "
+        "the calibration half must stay disjoint from evaluation"
+      )
+    tok = minilm.tokenizer()
+    # Similar lengths per batch: little padding enters the statistics.
+    tail = sorted(verses[-count:], key=len)
+    return [
+      minilm.encode(tok, tail[i : i + size]) for i in range(0, count, size)
+    ]
+
   def _embed(self, params, config):
     ids, mask = self._batch(config.eval.sentences)
     layers = sum(k.startswith("layer_") for k in params)

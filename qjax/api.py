@@ -9,6 +9,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from qjax import qtensor
+from qjax.quantizers import coordinate_descent
 from qjax.quantizers.gptq import gptq
 from qjax.quantizers.rtn import rtn
 from qjax.recipe import CALIBRATED, Recipe
@@ -56,6 +57,7 @@ def quantize(
   *,
   key: jax.Array | None = None,
   hessians=None,
+  grams=None,
   progress: bool = False,
   report_unused: bool = True,
 ):
@@ -65,7 +67,9 @@ def quantize(
     params: a pytree of float arrays (e.g. Flax params).
     recipe: the rules (see qjax.recipe).
     key: jax.random key, split per leaf, for stochastic rounding rules.
-    hessians: {path: H [in, in]} for 'gptq' rules (qjax.calibration).
+    hessians: {path: H [in, in]} for calibrated rules (qjax.calibration).
+    grams: {path: Gram [in, in] of the last calibration sample}, for rules
+      with magr_statistics='last_sample' (the MagR authors' choice).
     progress: show a progress bar over the leaves.
     report_unused: warn about rules that matched nothing.
 
@@ -99,7 +103,8 @@ def quantize(
       kwargs["key"] = jax.random.fold_in(key, i)
     try:
       h = None if hessians is None else hessians.get(path)
-      out.append(_apply_rule(r, w, h, kwargs))
+      gram = None if grams is None else grams.get(path)
+      out.append(_apply_rule(r, w, h, gram, kwargs))
     except (ValueError, TypeError) as e:
       raise type(e)(f"parameter {path!r}: {e}") from e
   unused = [
@@ -114,20 +119,45 @@ def quantize(
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _apply_rule(r, w, h, kwargs):
+def _pop_prefixed(kwargs, prefix):
+  return {
+    k[len(prefix) :]: kwargs.pop(k)
+    for k in list(kwargs)
+    if k.startswith(prefix)
+  }
+
+
+def _apply_rule(r, w, h, gram, kwargs):
   if r.method in CALIBRATED and h is None:
     raise ValueError(
       f"method {r.method!r} needs calibration statistics and none reached "
       "this layer (see qjax.calibration)"
     )
-  magr_kwargs = {
-    k[5:]: kwargs.pop(k) for k in list(kwargs) if k.startswith("magr_")
-  }
+  magr_kwargs = _pop_prefixed(kwargs, "magr_")
+  cd_kwargs = _pop_prefixed(kwargs, "cd_")
+  w0 = w
   if r.method.startswith("magr+"):
-    # MagR on the layer's full H (the authors use one sample's Gram matrix).
-    w = magr(w, h, **magr_kwargs)[0].astype(w.dtype)
+    statistics = magr_kwargs.pop("statistics", "hessian")
+    if statistics not in ("hessian", "last_sample"):
+      raise ValueError(
+        f"magr_statistics must be 'hessian' or 'last_sample'; got "
+        f"{statistics!r}"
+      )
+    if statistics == "last_sample" and gram is None:
+      raise ValueError(
+        "magr_statistics='last_sample' needs the last sample's Gram matrix "
+        "(quantize(grams=...), see qjax.calibration)"
+      )
+    x_stats = h if statistics == "hessian" else gram
+    w = magr(w, x_stats, **magr_kwargs)[0].astype(w.dtype)
   if r.method.endswith("gptq"):
-    return gptq(w, h, r.fmt, r.scaling, **kwargs)[0]
+    qt = gptq(w, h, r.fmt, r.scaling, **kwargs)[0]
+    if cd_kwargs.get("sweeps", 0) > 0:
+      # The authors' refinement aims at the original weights, not MagR's.
+      qt = coordinate_descent.refine(w0, qt, h, **cd_kwargs)[0]
+    return qt
+  if cd_kwargs:
+    raise ValueError(f"cd_* options apply to gptq methods, not {r.method!r}")
   return rtn(w, r.fmt, r.scaling, **kwargs)
 
 

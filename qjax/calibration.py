@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm.auto import tqdm
 
 from qjax import api
@@ -117,19 +118,43 @@ class BlockModel(NamedTuple):
   block_args: Callable[[Any], tuple]
 
 
+def _last_calls(calls, tokens):
+  """The trailing calls that hold at least `tokens` input rows."""
+  taken, count = [], 0
+  for c in reversed(calls):
+    taken.insert(0, c)
+    count += int(np.prod(c[0].shape[:-1]))
+    if count >= tokens:
+      return taken
+  raise ValueError(
+    f"the last-sample statistics need {tokens} calibration tokens; the "
+    f"calibration set has only {count}"
+  )
+
+
 def quantize_sequential(
   params,
   recipe: Recipe,
   model: BlockModel,
   batches: Sequence,
   *,
+  last_tokens: int = 2048,
   progress: bool = True,
 ):
   """qjax.quantize with calibration, block by block (GPTQ's sequential mode).
 
   Leaves outside the blocks (embeddings, final norm) are quantized by the
-  recipe without statistics (so a 'gptq' rule must not reach them).
+  recipe without statistics (so a 'gptq' rule must not reach them). When a
+  rule asks for MagR on the last sample (magr_statistics='last_sample'),
+  the Gram matrix of the last `last_tokens` calibration tokens (the authors'
+  one 2048-token sample) is captured too.
+
+  Raises:
+    ValueError: no batches, or fewer than `last_tokens` tokens when the
+      last sample is needed.
   """
+  if not batches:
+    raise ValueError("quantize_sequential needs at least one calibration batch")
   xs = [model.embed(params, b) for b in batches]
   out = dict(params)
   for name in tqdm(
@@ -142,8 +167,20 @@ def quantize_sequential(
     hessians, _ = dense_hessians(
       model.block_module, variables, calls, prefix=name
     )
+    grams = None
+    if recipe.needs_last_sample:
+      grams, _ = dense_hessians(
+        model.block_module,
+        variables,
+        _last_calls(calls, last_tokens),
+        prefix=name,
+      )
     qblock = api.quantize(
-      {name: params[name]}, recipe, hessians=hessians, report_unused=False
+      {name: params[name]},
+      recipe,
+      hessians=hessians,
+      grams=grams,
+      report_unused=False,
     )[name]
     out[name] = qblock
     deq = {"params": api.dequantize(qblock)}

@@ -32,7 +32,10 @@ class Rule:
     pattern: regex searched in the '/'-joined parameter path.
     method: 'rtn', 'gptq', 'magr+rtn', 'magr+gptq' (all but rtn need
       calibration statistics) or 'skip'. Options named magr_* (magr_alpha,
-      magr_iters, magr_group_size) go to MagR, the rest to the quantizer.
+      magr_iters, magr_group_size, magr_projection, magr_statistics =
+      'hessian' | 'last_sample') go to MagR; cd_* (cd_sweeps, cd_damp) to
+      the coordinate-descent refinement after GPTQ; the rest (e.g. shrink,
+      act_order, clip_ratios) to the quantizer.
     fmt: element format (None for 'skip').
     scaling: scale sharing (None for 'skip').
     options: extra keyword arguments of the method, as sorted (name, value)
@@ -107,6 +110,14 @@ class Recipe:
   @property
   def needs_calibration(self) -> bool:
     return any(r.method in CALIBRATED for r in self.rules)
+
+  @property
+  def needs_last_sample(self) -> bool:
+    """Whether a rule runs MagR on the last calibration sample's Gram."""
+    return any(
+      dict(r.options).get("magr_statistics") == "last_sample"
+      for r in self.rules
+    )
 
   def match(self, path: str, ndim: int) -> tuple[int | None, str]:
     """(index of the deciding rule or None, reason) for one leaf."""

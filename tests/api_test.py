@@ -148,6 +148,37 @@ class QuantizeTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "unknown keys"):
       qjax.Recipe.from_config({"rules": [{"pattern": "x", "fromat": "int4"}]})
 
+  def test_magr_and_cd_options_are_checked(self):
+    w = jax.random.normal(jax.random.key(0), (32, 8))
+    x = jax.random.normal(jax.random.key(1), (64, 32))
+    params, hs = {"d": {"kernel": w}}, {"d/kernel": x.T @ x}
+    scaling = formats.per_channel(zero_point=True)
+
+    def run(method, **options):
+      recipe = qjax.Recipe(
+        (qjax.rule("kernel", "uint2", scaling, method=method, **options),)
+      )
+      return qjax.quantize(params, recipe, hessians=hs)["d"]["kernel"]
+
+    with self.assertRaisesRegex(ValueError, "'d/kernel'.*magr_statistics"):
+      run("magr+rtn", magr_statistics="first")
+    with self.assertRaisesRegex(ValueError, "'d/kernel'.*last sample"):
+      run("magr+rtn", magr_statistics="last_sample")
+    with self.assertRaisesRegex(ValueError, "cd_\\* options apply to gptq"):
+      run("magr+rtn", cd_sweeps=1)
+    # The refinement is applied: codes move and the damped loss drops.
+    plain = run("magr+gptq", magr_iters=20)
+    refined = run("magr+gptq", magr_iters=20, cd_sweeps=3)
+    self.assertFalse(np.array_equal(plain.codes, refined.codes))
+    h = np.asarray(hs["d/kernel"])
+    s = h + 0.75 * np.mean(np.diag(h)) * np.eye(32)  # CD's damped S
+
+    def loss(q):
+      d = np.asarray(w) - np.asarray(q.dequantize())
+      return np.sum(d * (s @ d))
+
+    self.assertLess(loss(refined), loss(plain))
+
   def test_dequantize_and_stats(self):
     params = _params()
     recipe = qjax.Recipe((qjax.rule("kernel", "int8", formats.per_channel()),))

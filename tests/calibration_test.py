@@ -81,6 +81,51 @@ class SequentialTest(absltest.TestCase):
       same = np.array_equal(again.codes, q["layer_1"]["q"]["kernel"].codes)
       self.assertEqual(same, should_match)
 
+  def test_magr_on_the_last_sample_uses_only_its_gram(self):
+    params = smollm2.load_params(layers=1)
+    tok = smollm2.tokenizer()
+    verses = ["In the beginning God created the heaven.", "Jesus wept."]
+    batches = [jnp.asarray(np.asarray(tok.encode(v).ids)[None]) for v in verses]
+    last_tokens = batches[-1].shape[1]
+    model = smollm2.block_model(params)
+    recipe = qjax.Recipe(
+      (
+        qjax.rule(
+          "q/kernel",
+          "uint3",
+          formats.per_channel(zero_point=True),
+          method="magr+rtn",
+          magr_statistics="last_sample",
+          magr_iters=5,
+          magr_alpha=1e-2,
+        ),
+      )
+    )
+    q = calibration.quantize_sequential(
+      params, recipe, model, batches, last_tokens=last_tokens, progress=False
+    )
+    got = q["layer_0"]["q"]["kernel"]
+    x0 = [(model.embed(params, b), *model.block_args(b)) for b in batches]
+    for calls, should_match in ((x0[-1:], True), (x0, False)):
+      grams, _ = calibration.dense_hessians(
+        model.block_module,
+        {"params": params["layer_0"]},
+        calls,
+        prefix="layer_0",
+      )
+      again = qjax.quantize(
+        {"layer_0": params["layer_0"]},
+        recipe,
+        hessians=grams,  # unused by magr+rtn beyond the presence check
+        grams=grams,
+        report_unused=False,
+      )["layer_0"]["q"]["kernel"]
+      self.assertEqual(np.array_equal(again.codes, got.codes), should_match)
+    with self.assertRaisesRegex(ValueError, "need 10000 calibration tokens"):
+      calibration.quantize_sequential(
+        params, recipe, model, batches, last_tokens=10_000, progress=False
+      )
+
   def test_missing_statistics_name_the_layer(self):
     recipe = qjax.Recipe(
       (qjax.rule("kernel", "int4", formats.per_channel(), method="gptq"),)

@@ -147,8 +147,10 @@ def per_tensor(scale_format: str = "float32") -> Scaling:
   return Scaling("tensor", (), (), scale_format)
 
 
-def per_channel(axis: int = -1, scale_format: str = "float32") -> Scaling:
-  return Scaling("channel", (axis,), (), scale_format)
+def per_channel(
+  axis: int = -1, scale_format: str = "float32", *, zero_point: bool = False
+) -> Scaling:
+  return Scaling("channel", (axis,), (), scale_format, zero_point=zero_point)
 
 
 def per_block(

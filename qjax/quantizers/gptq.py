@@ -62,12 +62,12 @@ def _upper_cholesky_of_inverse(h):
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
-def _gptq(w, h, fmt, scaling, block_size, act_order, clip_ratios, damp):
+def _gptq(w, h, fmt, scaling, block_size, act_order, clip_ratios, damp, shrink):
   n_in, n_out = w.shape
   dead = jnp.diag(h) == 0
   h = jnp.where(jnp.diag(dead), 1.0, h)
   w = jnp.where(dead[:, None], 0.0, w)
-  grid = rtn.block_scales(w, fmt, scaling, clip_ratios)
+  grid = rtn.block_scales(w, fmt, scaling, clip_ratios, shrink)
   scale, zero = grid.scale_full, grid.zero_full
   if zero is None:
     zero = jnp.zeros_like(scale)
@@ -161,6 +161,7 @@ def gptq(
   damp: float = 0.01,
   act_order: bool = False,
   clip_ratios: tuple[float, ...] = (),
+  shrink: float = 1.0,
 ) -> tuple[qtensor.QTensor, GPTQInfo]:
   """GPTQ-quantizes one Dense kernel.
 
@@ -174,6 +175,7 @@ def gptq(
     damp: relative diagonal damping (paper: 0.01).
     act_order: visit rows by descending diag(H).
     clip_ratios: MSE clip search for the grid, as in rtn.
+    shrink: step multiplier beta for the grid (MagR), as in rtn.
 
   Returns:
     (QTensor of w's shape, GPTQInfo).
@@ -208,6 +210,7 @@ def gptq(
     act_order,
     tuple(clip_ratios),
     float(damp),
+    float(shrink),
   )
   if not bool(jnp.isfinite(info.loss_estimate)):
     raise ValueError(

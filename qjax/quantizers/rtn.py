@@ -115,8 +115,15 @@ class Grid(NamedTuple):
   zero_full: jax.Array | None
 
 
-def block_scales(x, fmt, scaling: Scaling, clip_ratios=()) -> Grid:
-  """The RTN grid of x: block scales (and zero points) from its statistics."""
+def block_scales(
+  x, fmt, scaling: Scaling, clip_ratios=(), shrink: float = 1.0
+) -> Grid:
+  """The RTN grid of x: block scales (and zero points) from its statistics.
+
+  `shrink` (MagR's beta) multiplies the step after the range is measured:
+  with a zero point the grid keeps its bottom at min(x) and clips the top,
+  as the MagR authors' quantizer does; symmetric grids clip both ends.
+  """
   shape = x.shape
   block_shape = scaling.block_shape(shape)
   expand = functools.partial(
@@ -137,7 +144,9 @@ def block_scales(x, fmt, scaling: Scaling, clip_ratios=()) -> Grid:
     if scaling.zero_point:
       lo_r, hi_r = jnp.minimum(lo * r, 0.0), jnp.maximum(hi * r, 0.0)
       # The range [lo, hi] spans qmax steps: s = (hi - lo) / qmax.
-      stored, value = _scales(hi_r - lo_r, fmt, scaling, tensor_scale)
+      stored, value = _scales(
+        shrink * (hi_r - lo_r), fmt, scaling, tensor_scale
+      )
       zero = jnp.clip(jnp.round(-lo_r / value), 0, fmt.qmax)
       zero = zero.astype(exmy.code_dtype(fmt.bits))
       return Grid(
@@ -147,7 +156,7 @@ def block_scales(x, fmt, scaling: Scaling, clip_ratios=()) -> Grid:
         expand(value),
         expand(zero.astype(jnp.float32)),
       )
-    stored, value = _scales(amax * r, fmt, scaling, tensor_scale)
+    stored, value = _scales(shrink * amax * r, fmt, scaling, tensor_scale)
     return Grid(stored, None, tensor_scale, expand(value), None)
 
   if not clip_ratios:
@@ -182,8 +191,8 @@ def dequantize_with(codes, fmt, grid: Grid) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _rtn(x, fmt, scaling: Scaling, clip_ratios, rounding, key):
-  grid = block_scales(x, fmt, scaling, clip_ratios)
+def _rtn(x, fmt, scaling: Scaling, clip_ratios, rounding, key, shrink):
+  grid = block_scales(x, fmt, scaling, clip_ratios, shrink)
   rkey = key if rounding == "stochastic" else None
   codes = _encode_with(x, fmt, grid.scale_full, grid.zero_full, rounding, rkey)
   packed = packing.pack(codes, fmt.bits)
@@ -220,6 +229,7 @@ def rtn(
   clip_ratios: tuple[float, ...] = (),
   rounding: str = "nearest_even",
   key: jax.Array | None = None,
+  shrink: float = 1.0,
 ) -> qtensor.QTensor:
   """Round-to-nearest quantization of one weight.
 
@@ -231,6 +241,8 @@ def rtn(
     clip_ratios: ratios r to try per block (amax * r); empty = no search.
     rounding: element rounding mode; 'stochastic' needs `key`.
     key: jax.random key for stochastic rounding.
+    shrink: step multiplier beta <= 1 (MagR's shrunk grid; see
+      block_scales).
 
   Returns:
     A QTensor with w's shape and dtype.
@@ -253,7 +265,13 @@ def rtn(
   scaling.block_shape(w.shape)  # raises on a block that does not divide
   x = _auto_axes(exmy.as_float32(w, "w"))
   packed, stored, zero, tensor_scale = _rtn(
-    x, _saturating(fmt), scaling, tuple(clip_ratios), rounding, key
+    x,
+    _saturating(fmt),
+    scaling,
+    tuple(clip_ratios),
+    rounding,
+    key,
+    float(shrink),
   )
   return qtensor.QTensor(
     packed,

@@ -81,6 +81,18 @@ class MiniLMTest(absltest.TestCase):
     want = _numpy_bert(np.asarray(self.ids[0, :n]))
     np.testing.assert_allclose(self.float_emb[0], want, atol=2e-5)
 
+  def test_block_model_composes_to_the_whole_model(self):
+    model = minilm.block_model(self.params)
+    batch = (self.ids, self.mask)
+    x = model.embed(self.params, batch)
+    for name in model.blocks:
+      x = model.block_module.apply(
+        {"params": self.params[name]}, x, *model.block_args(batch)
+      )
+    whole = minilm.MiniLM().apply({"params": self.params}, *batch)
+    np.testing.assert_allclose(x, whole, atol=1e-5)
+    self.assertLen(model.blocks, 6)
+
   def test_embeddings_are_sensible(self):
     sim = self.float_emb @ self.float_emb.T
     self.assertGreater(sim[0, 1], 0.5)  # paraphrases

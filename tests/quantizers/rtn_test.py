@@ -198,6 +198,23 @@ class PropertiesTest(parameterized.TestCase):
     err = np.abs(np.asarray(q.dequantize()) - w)
     self.assertLessEqual(err.max(), step / 2 + 1e-6)
 
+  def test_shrunk_grid_keeps_its_bottom_and_clips_the_top(self):
+    # MagR's beta: step beta * (max - min) / qmax, zero point from min.
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((64, 8)).astype(np.float32)
+    scaling = formats.per_channel(-1, zero_point=True)
+    qt = rtn.rtn(w, formats.get("uint3"), scaling, shrink=0.8)
+    lo, hi = w.min(0), w.max(0)
+    step = np.asarray(qt.scale).reshape(-1)
+    np.testing.assert_allclose(step, 0.8 * (hi - lo) / 7, rtol=1e-6)
+    np.testing.assert_array_equal(
+      np.asarray(qt.zero).reshape(-1), np.round(-lo / step)
+    )
+    deq = np.asarray(qt.dequantize())
+    top = (7 - np.round(-lo / step)) * step
+    np.testing.assert_allclose(deq.max(0), top, rtol=1e-6)
+    self.assertTrue(np.all(top < hi))  # clipped at the top
+
   def test_stochastic_rounding_is_unbiased(self):
     w = jnp.full((4096, 1), 0.3)
     w = w.at[0].set(1.0)  # channel max: scale 1/7

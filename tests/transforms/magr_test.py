@@ -43,24 +43,49 @@ def _layer(seed, m=64, n=12, tokens=48):  # tokens < m: singular H
   return w, (x.T @ x).astype(np.float32)
 
 
-class ProxTest(absltest.TestCase):
-  def test_prox_matches_bisection_and_properties(self):
+class ProxTest(parameterized.TestCase):
+  @parameterized.parameters("sort", "pivot")
+  def test_prox_matches_bisection_and_properties(self, projection):
     rng = np.random.default_rng(0)
     v = rng.standard_normal((40, 30)) * rng.uniform(0.01, 3, (1, 30))
+    v[:3, 0] = 0.0  # zeros and ties must not upset rho or the pivot
+    v[:5, 1] = 2.5
     for t in (0.05, 1.0, 30.0):
-      got = np.asarray(magr.prox_linf(v.astype(np.float32), t))
+      got = np.asarray(magr.prox_linf(v.astype(np.float32), t, projection))
       want = np.stack([_prox_bisection(v[:, j], t) for j in range(30)], 1)
       np.testing.assert_allclose(got, want, atol=1e-5)
       self.assertTrue(np.all(np.abs(got).max(0) <= np.abs(v).max(0) + 1e-6))
-    p = np.asarray(magr.project_l1_ball(v.astype(np.float32)))
+    p = np.asarray(magr.project_l1_ball(v.astype(np.float32), projection))
     self.assertTrue(np.all(np.abs(p).sum(0) <= 1 + 1e-5))
+    # On the sphere's outside the projection lands on it (||P(v)||_1 = 1).
+    outside = np.abs(v).sum(0) > 1
+    np.testing.assert_allclose(np.abs(p).sum(0)[outside], 1.0, rtol=1e-5)
+
+  def test_sort_and_pivot_agree_on_a_real_scale_layer(self):
+    rng = np.random.default_rng(1)
+    v = rng.standard_normal((576, 300)).astype(np.float32) * 0.05
+    a = magr.project_l1_ball(v, "sort")
+    b = magr.project_l1_ball(v, "pivot")
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+  def test_unknown_projection(self):
+    with self.assertRaisesRegex(ValueError, "unknown projection 'heap'"):
+      magr.project_l1_ball(np.ones((3, 2), np.float32), "heap")
 
 
 class MagRTest(parameterized.TestCase):
-  @parameterized.parameters((None, 1e-3), (16, 1e-4))
-  def test_matches_slow_solver(self, group, alpha):
+  @parameterized.parameters(
+    (None, 1e-3, "pivot"),
+    (None, 1e-3, "sort"),
+    (16, 1e-4, "pivot"),
+    (24, 1e-4, "sort"),  # 64 = 2 x 24 + 16: a short last group
+    (24, 1e-4, "pivot"),
+  )
+  def test_matches_slow_solver(self, group, alpha, projection):
     w, h = _layer(1)
-    got, _ = magr.magr(w, h, alpha=alpha, iters=30, group_size=group)
+    got, _ = magr.magr(
+      w, h, alpha=alpha, iters=30, group_size=group, projection=projection
+    )
     want = _slow_magr(w, h, alpha, 30, group)
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-3)
 
@@ -85,8 +110,12 @@ class MagRTest(parameterized.TestCase):
 
   def test_bad_input(self):
     w, h = _layer(4)
-    with self.assertRaisesRegex(ValueError, "does not divide"):
-      magr.magr(w, h, group_size=24)
+    with self.assertRaisesRegex(ValueError, "group_size must be positive"):
+      magr.magr(w, h, group_size=0)
+    with self.assertRaisesRegex(ValueError, "NaN/Inf"):
+      magr.magr(w, h * np.nan)
+    with self.assertRaisesRegex(ValueError, "all zeros"):
+      magr.magr(w, h * 0)
     with self.assertRaisesRegex(ValueError, "w \\[in, out\\] and h"):
       magr.magr(w, h[:3, :3])
 
