@@ -33,7 +33,9 @@ test: lint
 	$(PY) -m pytest -n 2 tests
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e .[test,bench]
 	$(PY) benchmarks/formats.py
+	$(PY) benchmarks/gptq_magr.py --qwix --memory
 
 sweep: $(STAMP)
 	$(PY) -m experiments.sweep --workdir=workdir/sweep
