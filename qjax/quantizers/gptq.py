@@ -199,6 +199,10 @@ def gptq(
     raise ValueError(
       "the Hessian has NaN/Inf values: no calibration data reached this layer?"
     )
+  if not bool(jnp.any(h != 0)):
+    raise ValueError(
+      "the Hessian is all zeros: no calibration data reached this layer"
+    )
   scaling.block_shape(w.shape)
   fmt_sat = rtn._saturating(fmt)
   packed, stored, zero, tensor_scale, info = _gptq(

@@ -154,6 +154,8 @@ class GPTQTest(parameterized.TestCase):
       )
     with self.assertRaisesRegex(ValueError, "input axis"):
       gptq.gptq(w, h, formats.get("int4"), formats.per_block(8, axis=1))
+    with self.assertRaisesRegex(ValueError, "all zeros"):
+      gptq.gptq(w, 0 * h, formats.get("int4"), formats.per_channel())
 
 
 if __name__ == "__main__":
