@@ -97,6 +97,11 @@ class MagRTest(parameterized.TestCase):
     self.assertLess(obj[-1], obj[0])
     before, after = np.abs(w).max(0), np.abs(np.asarray(out)).max(0)
     self.assertTrue(np.all(after <= before + 1e-6))
+    # Every iterate, not only the last (the solver is deterministic, so
+    # iters=k returns the k-th iterate).
+    for k in (1, 3, 10, 40):
+      w_k, _ = magr.magr(w, h, alpha=1e-3, iters=k)
+      self.assertTrue(np.all(np.abs(np.asarray(w_k)).max(0) <= before + 1e-6))
     # The fit term is 0 at W0, so a lower objective means a smaller penalty.
     self.assertLess(after.sum(), before.sum())
 
