@@ -56,6 +56,7 @@ def quantize(
   recipe: Recipe,
   *,
   key: jax.Array | None = None,
+  calib=None,
   hessians=None,
   grams=None,
   progress: bool = False,
@@ -67,6 +68,10 @@ def quantize(
     params: a pytree of float arrays (e.g. Flax params).
     recipe: the rules (see qjax.recipe).
     key: jax.random key, split per leaf, for stochastic rounding rules.
+    calib: (qjax.calibration.BlockModel, batches): calibrate and quantize
+      block by block (GPTQ's sequential mode, see
+      qjax.calibration.quantize_sequential); then hessians/grams must be
+      None.
     hessians: {path: H [in, in]} for calibrated rules (qjax.calibration).
     grams: {path: Gram [in, in] of the last calibration sample}, for rules
       with magr_statistics='last_sample' (the MagR authors' choice).
@@ -83,6 +88,15 @@ def quantize(
   Warns:
     UserWarning listing rules that matched no leaf.
   """
+  if calib is not None:
+    if hessians is not None or grams is not None:
+      raise ValueError("pass either calib or hessians/grams, not both")
+    from qjax import calibration  # calibration itself calls quantize
+
+    model, batches = calib
+    return calibration.quantize_sequential(
+      params, recipe, model, batches, key=key, progress=progress
+    )
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   used = set()
   out = []

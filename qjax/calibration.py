@@ -139,6 +139,7 @@ def quantize_sequential(
   batches: Sequence,
   *,
   last_tokens: int = 2048,
+  key: jax.Array | None = None,
   progress: bool = True,
 ):
   """qjax.quantize with calibration, block by block (GPTQ's sequential mode).
@@ -157,9 +158,10 @@ def quantize_sequential(
     raise ValueError("quantize_sequential needs at least one calibration batch")
   xs = [model.embed(params, b) for b in batches]
   out = dict(params)
-  for name in tqdm(
+  bar = tqdm(
     model.blocks, desc="calibrate+quantize", disable=not progress, leave=False
-  ):
+  )
+  for index, name in enumerate(bar):
     variables = {"params": params[name]}
     calls = [
       (x, *model.block_args(b)) for x, b in zip(xs, batches, strict=True)
@@ -178,6 +180,7 @@ def quantize_sequential(
     qblock = api.quantize(
       {name: params[name]},
       recipe,
+      key=None if key is None else jax.random.fold_in(key, index),
       hessians=hessians,
       grams=grams,
       report_unused=False,
@@ -187,5 +190,5 @@ def quantize_sequential(
     # The next block sees what the quantized block produces.
     xs = [model.block_module.apply(deq, *c) for c in calls]
   rest = {k: v for k, v in params.items() if k not in model.blocks}
-  out.update(api.quantize(rest, recipe, report_unused=False))
+  out.update(api.quantize(rest, recipe, key=key, report_unused=False))
   return out

@@ -62,6 +62,14 @@ class SequentialTest(absltest.TestCase):
     )
     self.assertIsInstance(q["layer_1"]["down"]["kernel"], qjax.QTensor)
     self.assertIsInstance(q["embed"]["embedding"], jax.Array)  # skipped
+    # qjax.quantize(calib=...) is the same sequential run.
+    via_api = qjax.quantize(params, recipe, calib=(model, [ids]))
+    np.testing.assert_array_equal(
+      via_api["layer_1"]["down"]["kernel"].codes,
+      q["layer_1"]["down"]["kernel"].codes,
+    )
+    with self.assertRaisesRegex(ValueError, "either calib or hessians"):
+      qjax.quantize(params, recipe, calib=(model, [ids]), hessians={})
     # Block 1's statistics come from quantized block 0's outputs: redo them
     # with float block 0 and the codes must differ somewhere.
     x0 = model.embed(params, ids)
