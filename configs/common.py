@@ -37,7 +37,10 @@ def base_config(model: str, args: dict) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = model
   c.method = args["method"]
-  c.format = args["format"] or f"int{args['bits']}"
+  # bits=N gives intN (symmetric) or, with zero_point, uintN (asymmetric
+  # min-max, as the GPTQ and MagR papers quantize); format overrides both.
+  kind = "uint" if args["zero_point"] else "int"
+  c.format = args["format"] or f"{kind}{args['bits']}"
   c.block = args["block"]  # 0: one scale per output channel
   # Blocks run along the input (contraction) axis: -2 of a Dense kernel
   # [in, out] and of a conv kernel [kh, kw, in, out].
@@ -66,6 +69,7 @@ DEFAULTS = {
   "method": "rtn",
   "bits": 4,
   "format": "",
+  "zero_point": False,
   "block": 128,
   "scale_format": "float32",
   "clip_ratios": (),

@@ -17,7 +17,7 @@ from absl import app, flags
 from experiments import run_lib
 
 DEFAULT_SWEEP = [
-  f"configs/{model}.py:bits={bits}"
+  f"configs/{model}.py:method=rtn,zero_point=false,bits={bits}"
   for model in ("smollm2", "minilm")
   for bits in (8, 4, 3)
 ]

@@ -43,7 +43,7 @@ class RunTest(absltest.TestCase):
 
   def test_smollm2_run_on_a_slice(self):
     config = smollm2_config.get_config(
-      "bits=3,block=64,layers=2,windows=2,window=64"
+      "method=rtn,zero_point=false,bits=3,block=64,layers=2,windows=2,window=64"
     )
     config.save_checkpoint = False
     m = run_lib.run(config, tempfile.mkdtemp())
@@ -53,6 +53,24 @@ class RunTest(absltest.TestCase):
     self.assertNotEqual(m["quantized"]["perplexity"], m["float"]["perplexity"])
     self.assertLen(m["layers"], 2 * 7)
     self.assertAlmostEqual(m["bits_per_weight"], 3 + 32 / 64, places=6)
+
+  def test_minilm_calibrated_run(self):
+    config = minilm_config.get_config(
+      "method=magr+gptq,format=uint3,block=128,layers=1,sentences=6,"
+      "calib_sentences=64"
+    )
+    config.save_checkpoint = False
+    m = run_lib.run(config, tempfile.mkdtemp())
+    rtn = minilm_config.get_config(
+      "method=rtn,format=uint3,block=128,layers=1,sentences=6"
+    )
+    rtn.save_checkpoint = False
+    r = run_lib.run(rtn, tempfile.mkdtemp())
+    # One layer at 3 bits: calibration must beat round-to-nearest.
+    self.assertGreater(
+      m["quantized"]["cosine_mean"], r["quantized"]["cosine_mean"]
+    )
+    self.assertEqual(m["bits_per_weight"], r["bits_per_weight"])
 
   def test_vision_runs(self):
     config = fmnist_config.get_config("bits=8")
@@ -113,6 +131,7 @@ class BadInputTest(absltest.TestCase):
       smollm2_config.get_config("method=gptq,bits=3,act_order=true")
     ).rules[0]
     self.assertEqual(dict(rule.options), {"act_order": True})
+    self.assertEqual(str(rule.fmt), "uint3")  # SmolLM2's default zero point
     self.assertEqual(rule.scaling.axes, (-2,))
     rule = run_lib.recipe_from_config(
       smollm2_config.get_config("method=magr+gptq,block=0")
