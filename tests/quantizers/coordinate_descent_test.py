@@ -42,14 +42,17 @@ def _slow_sweeps(w0, qt, h, sweeps, damp):
 
 class RefineTest(parameterized.TestCase):
   @parameterized.parameters(
-    ("uint3", formats.per_channel(-1, zero_point=True), 2),
-    ("int4", formats.per_block(16, axis=0), 1),
+    ("uint3", formats.per_channel(-1, zero_point=True), 2, 128),
+    ("uint3", formats.per_channel(-1, zero_point=True), 2, 16),
+    ("int4", formats.per_block(16, axis=0), 1, 20),  # 48 = 20 + 20 + 8
   )
-  def test_matches_slow_sweeps(self, name, scaling, sweeps):
+  def test_matches_slow_sweeps(self, name, scaling, sweeps, block_size):
     w, h = _layer(0)
     fmt = formats.get(name)
     qt = rtn.rtn(w, fmt, scaling)
-    got, _ = coordinate_descent.refine(w, qt, h, sweeps=sweeps)
+    got, _ = coordinate_descent.refine(
+      w, qt, h, sweeps=sweeps, block_size=block_size
+    )
     want = _slow_sweeps(w, qt, h, sweeps, 0.75)
     np.testing.assert_allclose(got.dequantize(), want, atol=1e-5)
     np.testing.assert_array_equal(got.scale, qt.scale)
