@@ -18,7 +18,9 @@ GPTQ: jitted qjax (median of --repeats after a compile run) against
       the layer losses are shown next to RTN's loss on each one's own grid.
 MagR: time per proximal-gradient iteration of the jitted solver (pivot and
   sort projections) against a NumPy float64 vectorised version of the same
-  iteration (sort-based projection, Eq. 4); --magr_iters iterations each.
+  iteration (sort-based projection, Eq. 4), as (t(2k) - t(k)) / k with k =
+  --magr_iters (a quarter of it, and 3 for NumPy, on the big layer), so
+  eigvalsh cancels out.
 --memory: peak RSS growth while calibrating SmolLM2 block by block (GPTQ,
   16 x 512-token windows), next to the size of one block's activations and
   of all blocks' activations.
@@ -100,6 +102,26 @@ def _prox_sort_np(v, t):
   return v - t * proj
 
 
+def _prox_bisection(v, t):
+  """The tests' slow prox: bisection on the threshold tau, one column."""
+  a = np.abs(v)
+  if a.sum() <= t:
+    return np.zeros_like(v)
+  lo, hi = 0.0, a.max()
+  for _ in range(60):
+    tau = (lo + hi) / 2
+    lo, hi = (tau, hi) if np.maximum(a - tau, 0).sum() > t else (lo, tau)
+  return np.sign(v) * np.minimum(a, (lo + hi) / 2)
+
+
+def slow_magr_step(w, w0, hn, alpha):
+  """One iteration of the tests' slow solver: column by column."""
+  v = w - hn @ (w - w0)
+  return np.stack(
+    [_prox_bisection(v[:, j], alpha) for j in range(v.shape[1])], axis=1
+  )
+
+
 def numpy_magr(w0, h, alpha, iters):
   w0 = w0.astype(np.float64)
   hn = h.astype(np.float64) / np.linalg.eigvalsh(h.astype(np.float64))[-1]
@@ -146,15 +168,26 @@ def _qwix_gptq(w, h):
 
 
 def bench_magr(w, h, iters, repeats, numpy_iters):
+  """Seconds per iteration: (t(2k iterations) - t(k)) / k, so the one-off
+  eigvalsh and transfers cancel out of both sides."""
   row = {}
   for projection in ("pivot", "sort"):
-    t = _median_seconds(
-      lambda p=projection: magr.magr(w, h, iters=iters, projection=p),
-      repeats,
+    t1, t2 = (
+      _median_seconds(
+        lambda p=projection, k=k: magr.magr(w, h, iters=k, projection=p),
+        repeats,
+      )
+      for k in (iters, 2 * iters)
     )
-    row[f"{projection}_s_per_iter"] = t / iters
-  t_np, _ = _once(lambda: numpy_magr(w, h, 1e-3, numpy_iters))
-  row["numpy_s_per_iter"] = t_np / numpy_iters
+    row[f"{projection}_s_per_iter"] = (t2 - t1) / iters
+  t1, _ = _once(lambda: numpy_magr(w, h, 1e-3, numpy_iters))
+  t2, _ = _once(lambda: numpy_magr(w, h, 1e-3, 2 * numpy_iters))
+  row["numpy_s_per_iter"] = (t2 - t1) / numpy_iters
+  if w.size < 4_000_000:
+    w64, h64 = w.astype(np.float64), h.astype(np.float64)
+    hn = h64 / np.linalg.eigvalsh(h64)[-1]
+    t, _ = _once(lambda: slow_magr_step(w64, w64, hn, 1e-3))
+    row["slow_s_per_iter"] = t
   return row
 
 
@@ -175,7 +208,14 @@ def bench_memory(windows=16, window=512):
     for w in qeval.token_windows(ids.ids, window, windows, from_end=True)
   ]
   recipe = qjax.Recipe(
-    (qjax.rule("kernel", "int4", formats.per_block(128), method="gptq"),)
+    (
+      qjax.rule(
+        "kernel",
+        "int4",
+        formats.per_block(128, ragged=True),
+        method="gptq",
+      ),
+    )
   )
   model = smollm2.block_model(params)
   before = _rss_mb()
@@ -203,6 +243,9 @@ def main():
     "--qwix_big", action="store_true", help="qwix on 4096x4096 (~10 min)"
   )
   parser.add_argument("--memory", action="store_true")
+  parser.add_argument(
+    "--skip_gptq", action="store_true", help="only MagR (and --memory)"
+  )
   args = parser.parse_args()
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}")
   print("\nGPTQ int4 per channel")
@@ -211,7 +254,7 @@ def main():
     "loss qjax / its RTN | loss qwix / its RTN |"
   )
   print("|---|---|---|---|---|---|---|---|")
-  for n_in, n_out in SHAPES:
+  for n_in, n_out in () if args.skip_gptq else SHAPES:
     w, h = _layer(n_in, n_out)
     big = n_in * n_out > 4_000_000
     with_qwix = args.qwix and (not big or args.qwix_big)
@@ -231,17 +274,25 @@ def main():
       print(f"  (slow reference layer loss differs from qjax by {rel:.1e})")
   print(f"\nMagR, seconds per iteration ({args.magr_iters} iterations)")
   print(
-    "| layer | jitted pivot | jitted sort | NumPy f64 sort | NumPy / pivot |"
+    "| layer | jitted pivot | jitted sort | NumPy f64 sort | NumPy / pivot "
+    "| slow ref (bisection) | slow / pivot |"
   )
-  print("|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|")
   for n_in, n_out in SHAPES:
     w, h = _layer(n_in, n_out)
-    numpy_iters = 3 if n_in * n_out > 4_000_000 else args.magr_iters
-    r = bench_magr(w, h, args.magr_iters, args.repeats, numpy_iters)
+    big = n_in * n_out > 4_000_000
+    iters = max(2, args.magr_iters // 4) if big else args.magr_iters
+    r = bench_magr(w, h, iters, args.repeats, 3 if big else iters)
     print(
       f"| {n_in}x{n_out} | {r['pivot_s_per_iter']:.4f} | "
       f"{r['sort_s_per_iter']:.4f} | {r['numpy_s_per_iter']:.4f} | "
-      f"{r['numpy_s_per_iter'] / r['pivot_s_per_iter']:.1f}x |"
+      f"{r['numpy_s_per_iter'] / r['pivot_s_per_iter']:.1f}x | "
+      + (
+        f"{r['slow_s_per_iter']:.3f} | "
+        f"{r['slow_s_per_iter'] / r['pivot_s_per_iter']:.0f}x |"
+        if "slow_s_per_iter" in r
+        else "- | - |"
+      )
     )
   if args.memory:
     m = bench_memory()
