@@ -102,26 +102,6 @@ def _prox_sort_np(v, t):
   return v - t * proj
 
 
-def _prox_bisection(v, t):
-  """The tests' slow prox: bisection on the threshold tau, one column."""
-  a = np.abs(v)
-  if a.sum() <= t:
-    return np.zeros_like(v)
-  lo, hi = 0.0, a.max()
-  for _ in range(60):
-    tau = (lo + hi) / 2
-    lo, hi = (tau, hi) if np.maximum(a - tau, 0).sum() > t else (lo, tau)
-  return np.sign(v) * np.minimum(a, (lo + hi) / 2)
-
-
-def slow_magr_step(w, w0, hn, alpha):
-  """One iteration of the tests' slow solver: column by column."""
-  v = w - hn @ (w - w0)
-  return np.stack(
-    [_prox_bisection(v[:, j], alpha) for j in range(v.shape[1])], axis=1
-  )
-
-
 def numpy_magr(w0, h, alpha, iters):
   w0 = w0.astype(np.float64)
   hn = h.astype(np.float64) / np.linalg.eigvalsh(h.astype(np.float64))[-1]
@@ -183,11 +163,6 @@ def bench_magr(w, h, iters, repeats, numpy_iters):
   t1, _ = _once(lambda: numpy_magr(w, h, 1e-3, numpy_iters))
   t2, _ = _once(lambda: numpy_magr(w, h, 1e-3, 2 * numpy_iters))
   row["numpy_s_per_iter"] = (t2 - t1) / numpy_iters
-  if w.size < 4_000_000:
-    w64, h64 = w.astype(np.float64), h.astype(np.float64)
-    hn = h64 / np.linalg.eigvalsh(h64)[-1]
-    t, _ = _once(lambda: slow_magr_step(w64, w64, hn, 1e-3))
-    row["slow_s_per_iter"] = t
   return row
 
 
@@ -274,10 +249,9 @@ def main():
       print(f"  (slow reference layer loss differs from qjax by {rel:.1e})")
   print(f"\nMagR, seconds per iteration ({args.magr_iters} iterations)")
   print(
-    "| layer | jitted pivot | jitted sort | NumPy f64 sort | NumPy / pivot "
-    "| slow ref (bisection) | slow / pivot |"
+    "| layer | jitted pivot | jitted sort | NumPy f64 sort | NumPy / pivot |"
   )
-  print("|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|")
   for n_in, n_out in SHAPES:
     w, h = _layer(n_in, n_out)
     big = n_in * n_out > 4_000_000
@@ -286,13 +260,7 @@ def main():
     print(
       f"| {n_in}x{n_out} | {r['pivot_s_per_iter']:.4f} | "
       f"{r['sort_s_per_iter']:.4f} | {r['numpy_s_per_iter']:.4f} | "
-      f"{r['numpy_s_per_iter'] / r['pivot_s_per_iter']:.1f}x | "
-      + (
-        f"{r['slow_s_per_iter']:.3f} | "
-        f"{r['slow_s_per_iter'] / r['pivot_s_per_iter']:.0f}x |"
-        if "slow_s_per_iter" in r
-        else "- | - |"
-      )
+      f"{r['numpy_s_per_iter'] / r['pivot_s_per_iter']:.1f}x |"
     )
   if args.memory:
     m = bench_memory()
