@@ -34,8 +34,8 @@ test: lint
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e .[test,bench]
-	$(PY) benchmarks/formats.py
-	$(PY) benchmarks/gptq_magr.py --qwix --memory
+	$(PY) -m benchmarks.formats
+	$(PY) -m benchmarks.gptq_magr --qwix --memory
 
 sweep: $(STAMP)
 	$(PY) -m experiments.sweep --workdir=workdir/sweep

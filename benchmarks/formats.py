@@ -1,7 +1,7 @@
 """Speed of qjax's format casts and bit packing, as ratios to baselines.
 
-  .venv/bin/python benchmarks/formats.py            # 2^24 elements
-  .venv/bin/python benchmarks/formats.py --log2=20  # quicker
+  .venv/bin/python -m benchmarks.formats            # 2^24 elements
+  .venv/bin/python -m benchmarks.formats --log2=20  # quicker
 
 Casts: jitted qjax encode+decode against, in the same run, (a) ml_dtypes'
 `astype` round trip in NumPy and (b) JAX's own jitted `astype` round trip
@@ -13,14 +13,13 @@ against a plain NumPy copy of the same codes. Each time is the median of
 
 import argparse
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from benchmarks.timing import median_seconds
 from qjax import formats
 
 CASTS = [
@@ -32,31 +31,21 @@ CASTS = [
 PACK_BITS = (3, 4, 5, 6, 7)
 
 
-def _median_seconds(fn, repeats):
-  jax.block_until_ready(fn())  # compile / warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def bench_casts(x_np, repeats):
   x = jnp.asarray(x_np)
   rows = []
   for name, ml_type, jax_type in CASTS:
     fmt = formats.get(name)
     qjax_rt = jax.jit(lambda v, f=fmt: f.decode(f.encode(v)))
-    t_qjax = _median_seconds(lambda f=qjax_rt: f(x), repeats)
+    t_qjax = median_seconds(lambda f=qjax_rt: f(x), repeats)
     t_ml = t_jax = None
     if ml_type is not None:
-      t_ml = _median_seconds(
+      t_ml = median_seconds(
         lambda t=ml_type: x_np.astype(t).astype(np.float32), repeats
       )
     if jax_type is not None:
       jax_rt = jax.jit(lambda v, t=jax_type: v.astype(t).astype(jnp.float32))
-      t_jax = _median_seconds(lambda f=jax_rt: f(x), repeats)
+      t_jax = median_seconds(lambda f=jax_rt: f(x), repeats)
     rows.append((name, t_qjax, t_ml, t_jax))
   return rows
 
@@ -70,8 +59,8 @@ def bench_packing(n, repeats):
     round_trip = jax.jit(
       lambda c, b=bits: formats.unpack(formats.pack(c, b), b, n)
     )
-    t_pack = _median_seconds(lambda f=round_trip, c=codes: f(c), repeats)
-    t_copy = _median_seconds(lambda c=codes_np: c.copy(), repeats)
+    t_pack = median_seconds(lambda f=round_trip, c=codes: f(c), repeats)
+    t_copy = median_seconds(lambda c=codes_np: c.copy(), repeats)
     rows.append((bits, t_pack, t_copy))
   return rows
 

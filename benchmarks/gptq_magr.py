@@ -1,8 +1,8 @@
 """Speed of qjax's jitted GPTQ and MagR, as ratios to baselines in one run.
 
-  .venv/bin/python benchmarks/gptq_magr.py                 # both layers
-  .venv/bin/python benchmarks/gptq_magr.py --qwix          # + qwix 0.1.8
-  .venv/bin/python benchmarks/gptq_magr.py --memory        # calibration RSS
+  .venv/bin/python -m benchmarks.gptq_magr                 # both layers
+  .venv/bin/python -m benchmarks.gptq_magr --qwix          # + qwix 0.1.8
+  .venv/bin/python -m benchmarks.gptq_magr --memory        # calibration RSS
 
 Layers are [in, out] = 1536 x 576 (SmolLM2's down projection) and 4096 x
 4096, with H = (2/n) X^T X from n = 2 * in correlated random rows. Int4 per
@@ -28,13 +28,13 @@ MagR: time per proximal-gradient iteration of the jitted solver (pivot and
 
 import argparse
 import resource
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.timing import median_seconds
 from qjax import formats
 from qjax.quantizers import gptq, rtn
 from qjax.transforms import magr
@@ -50,16 +50,6 @@ def _layer(n_in, n_out, seed=0):
   x = x + 0.5 * (x @ mix)  # correlated features, as real activations are
   w = (rng.standard_normal((n_in, n_out)) * 0.02).astype(np.float32)
   return w, ((2.0 / tokens) * (x.T @ x)).astype(np.float32)
-
-
-def _median_seconds(fn, repeats):
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def _once(fn):
@@ -113,7 +103,7 @@ def numpy_magr(w0, h, alpha, iters):
 
 def bench_gptq(w, h, repeats, with_slow, with_qwix):
   fmt, scaling = formats.get("int4"), formats.per_channel(-1)
-  t_fast = _median_seconds(lambda: gptq.gptq(w, h, fmt, scaling), repeats)
+  t_fast = median_seconds(lambda: gptq.gptq(w, h, fmt, scaling), repeats)
   qt, info = gptq.gptq(w, h, fmt, scaling)
   row = {
     "qjax_s": t_fast,
@@ -153,7 +143,7 @@ def bench_magr(w, h, iters, repeats, numpy_iters):
   row = {}
   for projection in ("pivot", "sort"):
     t1, t2 = (
-      _median_seconds(
+      median_seconds(
         lambda p=projection, k=k: magr.magr(w, h, iters=k, projection=p),
         repeats,
       )
