@@ -28,7 +28,7 @@ def get_config(arg=None):
       **common.DEFAULTS,
       # The main job's recipe: GPTQ on an asymmetric 4-bit grid in groups
       # of 128, the best measured method that fits 10 minutes on 2 cores
-      # (MagR+GPTQ takes about 15; see the README).
+      # (MagR+GPTQ takes about 11 and scores worse at 4 bits; README).
       "method": "gptq",
       "zero_point": True,
       "windows": 8,
