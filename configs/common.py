@@ -52,11 +52,15 @@ def base_config(model: str, args: dict) -> ml_collections.ConfigDict:
   c.magr_statistics = args["magr_statistics"]
   c.shrink = args["shrink"]
   c.cd_sweeps = args["cd_sweeps"]
+  c.order = args["order"]  # pipe: residual terms per weight
+  c.keep = args["keep"]  # pipe: fraction of channels orders >= 2 keep
   c.recipe = None  # or {'rules': [...]} to override the flat fields
   c.save_checkpoint = True
   c.name = (
     f"{model}_{c.method}_{c.format}"
     + (f"_g{c.block}" if c.block and c.format[:2] not in ("mx", "nv") else "")
+    + (f"_o{c.order}" if c.method.endswith("pipe") else "")
+    + (f"_k{c.keep:g}" if c.method.endswith("pipe") and c.keep < 1 else "")
     + ("_clip" if c.clip_ratios else "")
     + ("_last" if c.magr_statistics == "last_sample" else "")
     + (f"_beta{c.shrink:g}" if c.shrink else "")
@@ -80,4 +84,8 @@ DEFAULTS = {
   "magr_statistics": "hessian",
   "shrink": 0.0,
   "cd_sweeps": -1,
+  # PIPE (pipe, magr+pipe, gptq+pipe): expansion order and the fraction of
+  # output channels each order >= 2 keeps (qjax.transforms.residual).
+  "order": 2,
+  "keep": 1.0,
 }

@@ -6,6 +6,8 @@
     --config.eval.sentences=32 --workdir=workdir/minilm
 """
 
+import pathlib
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -20,9 +22,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   metrics = run_lib.run(_CONFIG.value, _WORKDIR.value)
   print(run_lib.summary_table(metrics))
+  saved = (pathlib.Path(_WORKDIR.value) / "checkpoint").exists()
   print(
     f"\nwrote {_WORKDIR.value}/metrics.json, results.csv, "
-    "quality_vs_bits.png, checkpoint/"
+    "quality_vs_bits.png" + (", checkpoint/" if saved else "")
   )
 
 

@@ -19,7 +19,15 @@ from experiments import tasks
 from qjax import calibration, checkpoint, formats
 from qjax import eval as qeval
 
-METHODS = ("rtn", "gptq", "magr+rtn", "magr+gptq")
+METHODS = (
+  "rtn",
+  "gptq",
+  "magr+rtn",
+  "magr+gptq",
+  "pipe",
+  "magr+pipe",
+  "gptq+pipe",
+)
 CSV_FIELDS = (
   "name",
   "model",
@@ -75,10 +83,15 @@ def recipe_from_config(config) -> qjax.Recipe:
   options = {}
   if config.clip_ratios:
     options["clip_ratios"] = tuple(config.clip_ratios)
-  if config.method.endswith("gptq"):
+  if "gptq" in config.method:
     options["act_order"] = bool(config.get("act_order", False))
+  if config.method.endswith("pipe"):
+    options["pipe_order"] = int(config.order)
+    options["pipe_keep"] = float(config.keep)
   if config.method.startswith("magr+"):
     options.update(magr_options(config))
+    if config.method.endswith("pipe"):
+      options.pop("shrink")  # the expansion's orders refine a full grid
   axis = config.get("block_axis", -2)
   if config.format in formats.BLOCK_FORMATS:
     rule = qjax.rule(
@@ -160,10 +173,11 @@ def run(config, workdir) -> dict:
   (workdir / "metrics.json").write_text(json.dumps(metrics, indent=1))
   _append_csv(workdir / "results.csv", metrics, task)
   plot_results(workdir / "results.csv", workdir / "quality_vs_bits.png")
-  if config.save_checkpoint:
-    target = workdir / "checkpoint"
-    if target.exists():
-      shutil.rmtree(target)
+  target = workdir / "checkpoint"
+  if target.exists():  # never leave an earlier run's tree next to these
+    shutil.rmtree(target)
+  # qjax.checkpoint does not store residual expansions yet.
+  if config.save_checkpoint and not config.method.endswith("pipe"):
     checkpoint.save(target, qparams, recipe=recipe)
   return metrics
 

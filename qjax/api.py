@@ -13,6 +13,7 @@ from qjax.quantizers import coordinate_descent
 from qjax.quantizers.gptq import gptq
 from qjax.quantizers.rtn import rtn
 from qjax.recipe import CALIBRATED, Recipe
+from qjax.transforms import residual
 from qjax.transforms.magr import magr
 
 
@@ -149,6 +150,11 @@ def _apply_rule(r, w, h, gram, kwargs):
     )
   magr_kwargs = _pop_prefixed(kwargs, "magr_")
   cd_kwargs = _pop_prefixed(kwargs, "cd_")
+  pipe_kwargs = _pop_prefixed(kwargs, "pipe_")
+  if pipe_kwargs and not r.method.endswith("pipe"):
+    raise ValueError(f"pipe_* options apply to pipe methods, not {r.method!r}")
+  if r.method.endswith("pipe") and "order" not in pipe_kwargs:
+    raise ValueError(f"method {r.method!r} needs the option pipe_order")
   w0 = w
   if r.method.startswith("magr+"):
     statistics = magr_kwargs.pop("statistics", "hessian")
@@ -164,6 +170,15 @@ def _apply_rule(r, w, h, gram, kwargs):
       )
     x_stats = h if statistics == "hessian" else gram
     w = magr(w, x_stats, **magr_kwargs)[0].astype(w.dtype)
+  if r.method.endswith("pipe"):
+    if cd_kwargs:
+      raise ValueError(f"cd_* options do not apply to {r.method!r}")
+    first = None
+    if r.method == "gptq+pipe":
+      first = gptq(w, h, r.fmt, r.scaling, **kwargs)[0]
+    elif kwargs:
+      raise ValueError(f"{r.method!r} takes no options {sorted(kwargs)}")
+    return residual.expand(w, r.fmt, r.scaling, first=first, **pipe_kwargs)
   if r.method.endswith("gptq"):
     qt = gptq(w, h, r.fmt, r.scaling, **kwargs)[0]
     if cd_kwargs.get("sweeps", 0) > 0:
@@ -178,9 +193,9 @@ def _apply_rule(r, w, h, gram, kwargs):
 def dequantize(tree, dtype=None):
   """Replaces every QTensor by its float tensor."""
   return jax.tree_util.tree_map(
-    lambda x: x.dequantize(dtype) if qtensor.is_qtensor(x) else x,
+    lambda x: x.dequantize(dtype) if qtensor.is_quantized(x) else x,
     tree,
-    is_leaf=qtensor.is_qtensor,
+    is_leaf=qtensor.is_quantized,
   )
 
 
@@ -193,13 +208,32 @@ def sqnr_db(reference, approx) -> float:
   )
 
 
-def stats(qtree, float_tree=None) -> dict[str, dict]:
+def _macs_and_bops(q, activation_bits: int) -> tuple[int, int]:
+  """Multiply-accumulates per output position (token or pixel) and BOPs.
+
+  A kernel [..., d_out] costs prod(shape) MACs per output position; a
+  residual expansion costs prod(shape[:-1]) per stored column of each term,
+  and BOPs = sum_k MACs_k * bits_k * activation_bits (PIPE's accounting).
+  """
+  terms = getattr(q, "terms", (q,))
+  macs = bops = 0
+  for t in terms:
+    m = math.prod(t.shape)
+    macs += m
+    bops += m * t.fmt.bits * activation_bits
+  return macs, bops
+
+
+def stats(qtree, float_tree=None, *, activation_bits: int = 32) -> dict:
   """Per leaf: bits per weight, bytes stored, and SQNR against `float_tree`.
 
-  Unquantized leaves count their own bytes at their own dtype.
+  Quantized leaves also report `macs` (per output position) and `bops` with
+  activations of `activation_bits` (qjax keeps activations in float32);
+  residual expansions report their `orders`. Unquantized leaves count their
+  own bytes at their own dtype.
   """
   q_leaves = jax.tree_util.tree_leaves_with_path(
-    qtree, is_leaf=qtensor.is_qtensor
+    qtree, is_leaf=qtensor.is_quantized
   )
   f_leaves = (
     [None] * len(q_leaves)
@@ -208,14 +242,20 @@ def stats(qtree, float_tree=None) -> dict[str, dict]:
   )
   out = {}
   for (p, q), f in zip(q_leaves, f_leaves, strict=True):
-    if qtensor.is_qtensor(q):
+    if qtensor.is_quantized(q):
+      first = getattr(q, "terms", (q,))[0]
+      macs, bops = _macs_and_bops(q, activation_bits)
       entry = {
         "bits_per_weight": q.bits_per_weight,
         "bytes": q.nbytes,
         "quantized": True,
-        "format": str(q.fmt),
-        "scaling": q.scaling.spec(),
+        "format": str(first.fmt),
+        "scaling": first.scaling.spec(),
+        "macs": macs,
+        "bops": bops,
       }
+      if hasattr(q, "terms"):
+        entry["orders"] = len(q.terms)
       if f is not None:
         entry["sqnr_db"] = sqnr_db(f, q.dequantize(jnp.float32))
     else:

@@ -55,10 +55,16 @@ def save(path, qtree, *, recipe=None) -> None:
   if path.exists():
     raise FileExistsError(f"{path} exists; remove it or pick another path")
   leaves = jax.tree_util.tree_leaves_with_path(
-    qtree, is_leaf=qtensor.is_qtensor
+    qtree, is_leaf=qtensor.is_quantized
   )
   arrays, meta = {}, []
   for i, (p, leaf) in enumerate(leaves):
+    if isinstance(leaf, qtensor.CompositeLeaf):
+      raise ValueError(
+        f"parameter {api.path_str(p)!r}: saving {type(leaf).__name__} "
+        "leaves is not supported yet; save qjax.dequantize(tree) or its "
+        "QTensor leaves"
+      )
     name = f"leaf{i:05d}"
     entry = {"path": [api.path_str([k]) for k in p], "name": name}
     if qtensor.is_qtensor(leaf):

@@ -81,8 +81,8 @@ def accuracy(logits, labels) -> float:
 def model_bytes(tree) -> int:
   """Bytes stored by a parameter tree (QTensors count their packed size)."""
   total = 0
-  for leaf in jax.tree.leaves(tree, is_leaf=qtensor.is_qtensor):
-    if qtensor.is_qtensor(leaf):
+  for leaf in jax.tree.leaves(tree, is_leaf=qtensor.is_quantized):
+    if qtensor.is_quantized(leaf):
       total += leaf.nbytes
     else:
       total += math.prod(np.shape(leaf)) * np.dtype(leaf.dtype).itemsize
@@ -93,8 +93,8 @@ def quantized_bits_per_weight(qtree) -> float:
   """Bits per weight over the QTensor leaves only (codes, scales, zeros)."""
   leaves = [
     x
-    for x in jax.tree.leaves(qtree, is_leaf=qtensor.is_qtensor)
-    if qtensor.is_qtensor(x)
+    for x in jax.tree.leaves(qtree, is_leaf=qtensor.is_quantized)
+    if qtensor.is_quantized(x)
   ]
   n = sum(x.size for x in leaves)
   return 8 * sum(x.nbytes for x in leaves) / n if n else float("nan")

@@ -138,3 +138,15 @@ def _dequantize(qt: QTensor) -> jax.Array:
 
 def is_qtensor(x) -> bool:
   return isinstance(x, QTensor)
+
+
+class CompositeLeaf:
+  """Base of quantized leaves built from several QTensors (e.g. a PIPE
+  residual Expansion). Subclasses answer dequantize(dtype), nbytes, size and
+  bits_per_weight like a QTensor, so trees holding them dequantize, count
+  bytes and report stats the same way."""
+
+
+def is_quantized(x) -> bool:
+  """A QTensor or a composite quantized leaf (see CompositeLeaf)."""
+  return isinstance(x, (QTensor, CompositeLeaf))

@@ -18,8 +18,17 @@ from typing import Any
 from qjax.formats import presets
 from qjax.formats.scaling import Scaling
 
-METHODS = ("rtn", "gptq", "magr+rtn", "magr+gptq", "skip")
-CALIBRATED = ("gptq", "magr+rtn", "magr+gptq")
+METHODS = (
+  "rtn",
+  "gptq",
+  "magr+rtn",
+  "magr+gptq",
+  "pipe",
+  "magr+pipe",
+  "gptq+pipe",
+  "skip",
+)
+CALIBRATED = ("gptq", "magr+rtn", "magr+gptq", "magr+pipe", "gptq+pipe")
 NAN_POLICIES = ("raise", "zero")
 DEFAULT_SKIP_WORDS = ("embed", "norm", "bias")
 
@@ -30,8 +39,11 @@ class Rule:
 
   Attributes:
     pattern: regex searched in the '/'-joined parameter path.
-    method: 'rtn', 'gptq', 'magr+rtn', 'magr+gptq' (all but rtn need
-      calibration statistics) or 'skip'. Options named magr_* (magr_alpha,
+    method: 'rtn', 'gptq', 'magr+rtn', 'magr+gptq', 'pipe' (data-free
+      residual expansion, qjax.transforms.residual), 'magr+pipe',
+      'gptq+pipe' (GPTQ gives the first order; all but rtn and pipe need
+      calibration statistics) or 'skip'. Options named pipe_* (pipe_order,
+      pipe_keep, pipe_rank_by) go to the expansion; magr_* (magr_alpha,
       magr_iters, magr_group_size, magr_projection, magr_statistics =
       'hessian' | 'last_sample') go to MagR; cd_* (cd_sweeps, cd_damp) to
       the coordinate-descent refinement after GPTQ; the rest (e.g. shrink,

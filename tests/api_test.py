@@ -10,6 +10,7 @@ from absl.testing import absltest
 import qjax
 from qjax import formats
 from qjax.quantizers import rtn
+from qjax.transforms import residual
 
 
 def _params():
@@ -194,6 +195,43 @@ class QuantizeTest(absltest.TestCase):
     self.assertAlmostEqual(mlp["sqnr_db"], want, places=4)
     self.assertGreater(mlp["sqnr_db"], 35)
     self.assertFalse(s["layer/norm/scale"]["quantized"])
+
+  def test_pipe_methods(self):
+    w = jax.random.normal(jax.random.key(0), (32, 8))
+    x = jax.random.normal(jax.random.key(1), (64, 32))
+    params, hs = {"d": {"kernel": w}}, {"d/kernel": x.T @ x}
+    scaling = formats.per_channel()
+
+    def run(method, **options):
+      recipe = qjax.Recipe(
+        (qjax.rule("kernel", "int4", scaling, method=method, **options),)
+      )
+      return qjax.quantize(params, recipe, hessians=hs)["d"]["kernel"]
+
+    e = run("pipe", pipe_order=3, pipe_keep=0.5)
+    np.testing.assert_array_equal(
+      e.dequantize(),
+      residual.reconstruct(
+        residual.expand(w, formats.get("int4"), scaling, order=3, keep=0.5)
+      ),
+    )
+    # R_1 comes from GPTQ, and the order-2 term refines it.
+    g = run("gptq+pipe", pipe_order=2)
+    first = qjax.gptq(w, hs["d/kernel"], formats.get("int4"), scaling)[0]
+    np.testing.assert_array_equal(g.terms[0].codes, first.codes)
+    err = lambda q: float(jnp.sum((w - q.dequantize()) ** 2))  # noqa: E731
+    self.assertLess(err(g), err(first) / 10)
+    self.assertEqual(run("magr+pipe", pipe_order=2, magr_iters=5).order, 2)
+    with self.assertRaisesRegex(ValueError, "'d/kernel'.*needs the option"):
+      run("pipe")
+    with self.assertRaisesRegex(ValueError, "pipe_\\* options apply"):
+      run("rtn", pipe_order=2)
+    with self.assertRaisesRegex(ValueError, "'d/kernel'.*order must be"):
+      run("pipe", pipe_order=0)
+    # Dequantize, stats and model bytes see through the expansion.
+    q = qjax.dequantize({"k": e})
+    np.testing.assert_array_equal(q["k"], e.dequantize())
+    self.assertEqual(qjax.stats({"k": e})["k"]["bytes"], e.nbytes)
 
 
 if __name__ == "__main__":
