@@ -22,6 +22,8 @@ Members run on dequantized float weights (the reference path); packed
 kernels are qjax.kernels' job.
 """
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,10 +101,41 @@ def _sibling_is_split(tree, parent_path) -> bool:
   return _is_expansion(node.get("kernel"))
 
 
-def stack(members) -> dict:
-  """Dequantizes M member trees and stacks them: leaves [M, ...] float."""
+class Stacked(NamedTuple):
+  """Member parameters for `apply`, in float32.
+
+  varying: the leaves that differ between members, stacked [M, ...] (None
+    where a leaf is shared); shared: the leaves every member holds as the
+    same array (None where they vary). Shared leaves stay replicated, so
+    what the members compute from them alone is known to be equal.
+  """
+
+  varying: Any
+  shared: Any
+
+
+def stack(members) -> Stacked:
+  """Dequantizes M member trees (`split_params`) for `apply`."""
   dense = [api.dequantize(t, jnp.float32) for t in members]
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *dense)
+  flat = [jax.tree.flatten(t) for t in dense]
+  treedef = flat[0][1]
+  varying, shared = [], []
+  for leaves in zip(*(f[0] for f in flat), strict=True):
+    same = all(x is leaves[0] for x in leaves)
+    varying.append(None if same else jnp.stack(leaves))
+    shared.append(leaves[0] if same else None)
+  return Stacked(
+    jax.tree.unflatten(treedef, varying), jax.tree.unflatten(treedef, shared)
+  )
+
+
+def _merge(varying, shared):
+  return jax.tree.map(
+    lambda v, s: s if v is None else v[0],
+    varying,
+    shared,
+    is_leaf=lambda x: x is None,
+  )
 
 
 def member_mesh(n_members: int, devices=None) -> jax.sharding.Mesh:
@@ -140,7 +173,7 @@ def apply(
 
   Args:
     fn: fn(params, *inputs) -> array, a Flax apply (e.g. model.apply).
-    stacked: member parameters [M, ...] (`stack`), M = mesh.shape[member_axis].
+    stacked: the members' parameters (`stack`); M = mesh.shape[member_axis].
     *inputs: arrays whose leading axis is the batch; split over data_axis
       (padded to a multiple of its size, and the padding cut off again).
     mesh: a mesh with member_axis and data_axis (`member_mesh`).
@@ -153,8 +186,8 @@ def apply(
   if combine not in COMBINE:
     raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
   m = mesh.shape[member_axis]
-  sizes = {x.shape[0] for x in jax.tree.leaves(stacked)}
-  if sizes != {m}:
+  sizes = {x.shape[0] for x in jax.tree.leaves(stacked.varying)}
+  if sizes - {m}:
     raise ValueError(f"stacked leading sizes {sorted(sizes)} != {m} members")
   batch = inputs[0].shape[0]
   pad = -batch % mesh.shape[data_axis]
@@ -164,8 +197,8 @@ def apply(
     )
   intercept = _interceptor(frozenset(modules), member_axis)
 
-  def member(params, *xs):
-    params = jax.tree.map(lambda a: a[0], params)
+  def member(varying, shared, *xs):
+    params = _merge(varying, shared)
     if combine == "output":
       return jax.lax.psum(fn(params, *xs), member_axis)
     with nn.intercept_methods(intercept):
@@ -174,22 +207,29 @@ def apply(
   run = jax.shard_map(
     member,
     mesh=mesh,
-    in_specs=(P(member_axis), *[P(data_axis)] * len(inputs)),
+    in_specs=(P(member_axis), P(), *[P(data_axis)] * len(inputs)),
     out_specs=P(data_axis),
   )
-  return jax.jit(run)(stacked, *inputs)[:batch]
+  return jax.jit(run)(stacked.varying, stacked.shared, *inputs)[:batch]
 
 
 def apply_sequential(fn, members, *inputs, combine: str = "layer"):
   """The single-device result `apply` must equal.
 
-  'layer': fn on the summed weights (the expanded model itself); 'output':
-  the sum over members of fn on each member's weights.
+  'layer': fn on the summed weights (the expanded model itself; leaves all
+  members share are taken once); 'output': the sum over members of fn on
+  each member's weights.
   """
   if combine not in COMBINE:
     raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
-  dense = [api.dequantize(t, jnp.float32) for t in members]
   if combine == "layer":
-    summed = jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *dense)
+    varying, shared = stack(members)
+    summed = jax.tree.map(
+      lambda v, s: s if v is None else jnp.sum(v, axis=0),
+      varying,
+      shared,
+      is_leaf=lambda x: x is None,
+    )
     return fn(summed, *inputs)
+  dense = [api.dequantize(t, jnp.float32) for t in members]
   return sum(fn(p, *inputs) for p in dense)

@@ -23,6 +23,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = nn.relu(nn.Dense(48, name="d1")(x))
+    x = nn.LayerNorm(name="norm")(x)  # shared by all members, counted once
     x = nn.gelu(nn.Dense(32, name="d2")(x))
     return nn.Dense(10, name="d3")(x)
 
