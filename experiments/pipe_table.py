@@ -17,7 +17,6 @@ import re
 
 from absl import app, flags
 
-
 _NAME = re.compile(r"_(pipe|rtn)_int(\d+)(?:_o(\d+))?(?:_k([\d.]+))?$")
 
 
@@ -104,11 +103,16 @@ def plot(rows, path) -> None:
       )
       style = "-" if keep == 1 else "--"
       ax.plot(
-        *zip(*pts), style, marker="o", label=f"PIPE int{bits} keep {keep:g}"
+        *zip(*pts, strict=True),
+        style,
+        marker="o",
+        label=f"PIPE int{bits} keep {keep:g}",
       )
   rtn = sorted((r["bpw"], r["error"]) for r in rows if r["method"] == "rtn")
   if rtn:
-    ax.plot(*zip(*rtn), ":", marker="s", color="k", label="RTN intN")
+    ax.plot(
+      *zip(*rtn, strict=True), ":", marker="s", color="k", label="RTN intN"
+    )
   ax.set_yscale("log")
   ax.set_xlabel("bits per weight (codes, scales, indices)")
   model = rows[0]["model"]
