@@ -176,8 +176,7 @@ def run(config, workdir) -> dict:
   target = workdir / "checkpoint"
   if target.exists():  # never leave an earlier run's tree next to these
     shutil.rmtree(target)
-  # qjax.checkpoint does not store residual expansions yet.
-  if config.save_checkpoint and not config.method.endswith("pipe"):
+  if config.save_checkpoint:
     checkpoint.save(target, qparams, recipe=recipe)
   return metrics
 

@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from qjax import __version__, api, qtensor
 from qjax.formats import serialize
 from qjax.formats.scaling import Scaling
+from qjax.transforms import residual
 
 FORMAT_VERSION = 1
 _FIELDS = ("codes", "scale", "zero", "tensor_scale")
@@ -45,8 +46,37 @@ def _array_meta(x) -> dict:
   }
 
 
+def _qtensor_arrays(qt) -> dict:
+  return {f: getattr(qt, f) for f in _FIELDS if getattr(qt, f) is not None}
+
+
+def _qtensor_meta(qt) -> dict:
+  return {
+    "fmt": serialize.format_to_dict(qt.fmt),
+    "scaling": qt.scaling.to_dict(),
+    "shape": list(qt.shape),
+    "dtype": str(np.dtype(qt.dtype)),
+  }
+
+
+def _qtensor_from(meta, got, prefix="") -> qtensor.QTensor:
+  leaf = qtensor.QTensor(
+    codes=got[prefix + "codes"],
+    scale=got[prefix + "scale"],
+    zero=got.get(prefix + "zero"),
+    tensor_scale=got.get(prefix + "tensor_scale"),
+    fmt=serialize.format_from_dict(meta["fmt"]),
+    scaling=Scaling.from_dict(meta["scaling"]),
+    shape=tuple(meta["shape"]),
+    dtype=np.dtype(meta["dtype"]),
+  )
+  leaf.validate()
+  return leaf
+
+
 def save(path, qtree, *, recipe=None) -> None:
-  """Writes `qtree` (QTensor and array leaves) to the directory `path`.
+  """Writes `qtree` (QTensor, residual Expansion and array leaves) to the
+  directory `path`.
 
   Raises:
     FileExistsError: `path` exists already.
@@ -59,27 +89,32 @@ def save(path, qtree, *, recipe=None) -> None:
   )
   arrays, meta = {}, []
   for i, (p, leaf) in enumerate(leaves):
-    if isinstance(leaf, qtensor.CompositeLeaf):
-      raise ValueError(
-        f"parameter {api.path_str(p)!r}: saving {type(leaf).__name__} "
-        "leaves is not supported yet; save qjax.dequantize(tree) or its "
-        "QTensor leaves"
-      )
     name = f"leaf{i:05d}"
     entry = {"path": [api.path_str([k]) for k in p], "name": name}
     if qtensor.is_qtensor(leaf):
-      group = {
-        f: getattr(leaf, f) for f in _FIELDS if getattr(leaf, f) is not None
-      }
+      group = _qtensor_arrays(leaf)
+      entry.update(kind="qtensor", **_qtensor_meta(leaf))
+      entry["arrays"] = {f: _array_meta(x) for f, x in group.items()}
+      arrays[name] = group
+    elif isinstance(leaf, residual.Expansion):
+      group = {}
+      for k, (t, keep) in enumerate(zip(leaf.terms, leaf.keep, strict=True)):
+        group.update({f"t{k}_{f}": x for f, x in _qtensor_arrays(t).items()})
+        if keep is not None:
+          group[f"t{k}_keep"] = keep
       entry.update(
-        kind="qtensor",
-        fmt=serialize.format_to_dict(leaf.fmt),
-        scaling=leaf.scaling.to_dict(),
+        kind="expansion",
         shape=list(leaf.shape),
         dtype=str(np.dtype(leaf.dtype)),
+        terms=[_qtensor_meta(t) for t in leaf.terms],
         arrays={f: _array_meta(x) for f, x in group.items()},
       )
       arrays[name] = group
+    elif isinstance(leaf, qtensor.CompositeLeaf):
+      raise ValueError(
+        f"parameter {api.path_str(p)!r}: cannot save a "
+        f"{type(leaf).__name__} leaf"
+      )
     else:
       entry.update(kind="array", arrays={"value": _array_meta(leaf)})
       arrays[name] = {"value": leaf}
@@ -157,15 +192,16 @@ def restore(path):
           "its checksum: the checkpoint is corrupt"
         )
     if e["kind"] == "qtensor":
-      leaf = qtensor.QTensor(
-        codes=got["codes"],
-        scale=got["scale"],
-        zero=got.get("zero"),
-        tensor_scale=got.get("tensor_scale"),
-        fmt=serialize.format_from_dict(e["fmt"]),
-        scaling=Scaling.from_dict(e["scaling"]),
-        shape=tuple(e["shape"]),
-        dtype=np.dtype(e["dtype"]),
+      leaf = _qtensor_from(e, got)
+    elif e["kind"] == "expansion":
+      n = len(e["terms"])
+      leaf = residual.Expansion(
+        tuple(
+          _qtensor_from(t, got, f"t{k}_") for k, t in enumerate(e["terms"])
+        ),
+        tuple(got.get(f"t{k}_keep") for k in range(n)),
+        tuple(e["shape"]),
+        np.dtype(e["dtype"]),
       )
       leaf.validate()
     else:

@@ -11,6 +11,7 @@ from absl.testing import absltest
 
 import qjax
 from qjax import checkpoint, formats
+from qjax.transforms import residual
 
 
 def _qtree():
@@ -54,6 +55,37 @@ class CheckpointTest(absltest.TestCase):
     meta = checkpoint.load_metadata(self.dir / "ck")
     self.assertEqual(meta["qjax_version"], qjax.__version__)
     self.assertIn("a/kernel", meta["recipe"])
+
+  def test_residual_expansions_round_trip(self):
+    params = {
+      "d": {"kernel": jax.random.normal(jax.random.key(1), (48, 20))},
+      "e": {"kernel": jax.random.normal(jax.random.key(2), (64, 16))},
+    }
+    recipe = qjax.Recipe(
+      (
+        qjax.rule(
+          "d/",
+          "int4",
+          formats.per_channel(),
+          method="pipe",
+          pipe_order=3,
+          pipe_keep=0.5,
+        ),
+        qjax.rule("e/", "mxfp4", method="pipe", pipe_order=2),
+      )
+    )
+    q = qjax.quantize(params, recipe)
+    checkpoint.save(self.dir / "pipe", q, recipe=recipe)
+    back = checkpoint.restore(self.dir / "pipe")
+    for name in ("d", "e"):
+      a, b = q[name]["kernel"], back[name]["kernel"]
+      self.assertIsInstance(b, residual.Expansion)
+      self.assertEqual(jax.tree.structure(a), jax.tree.structure(b))
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+      self.assertEqual([t.fmt for t in a.terms], [t.fmt for t in b.terms])
+      np.testing.assert_array_equal(a.dequantize(), b.dequantize())
+    self.assertIsNone(back["e"]["kernel"].keep[1])
 
   def _damage_data_files(self, path, how):
     # orbax keeps per-process OCDBT data and a merged copy: damage both.

@@ -10,6 +10,7 @@ from absl.testing import absltest
 
 from configs import minilm as minilm_config
 from experiments import pipe_ensemble, pipe_table, run_lib
+from qjax import checkpoint
 
 
 class PipeRunTest(absltest.TestCase):
@@ -24,8 +25,9 @@ class PipeRunTest(absltest.TestCase):
       m = run_lib.run(config, workdir)
       scores.append(m["quantized"]["cosine_mean"])
       bpw.append(m["bits_per_weight"])
-      # Expansions are not checkpointed (yet), and nothing stale is left.
-      self.assertFalse((pathlib.Path(workdir) / "checkpoint").exists())
+      back = checkpoint.restore(pathlib.Path(workdir) / "checkpoint")
+      kernel = back["layer_0"]["ffn_in"]["kernel"]
+      self.assertEqual(kernel.order, order)
     self.assertGreater(scores[1], scores[0])
     self.assertGreater(bpw[1], bpw[0])
 
