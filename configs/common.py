@@ -58,7 +58,11 @@ def base_config(model: str, args: dict) -> ml_collections.ConfigDict:
   c.save_checkpoint = True
   c.name = (
     f"{model}_{c.method}_{c.format}"
-    + (f"_g{c.block}" if c.block and c.format[:2] not in ("mx", "nv") else "")
+    + (
+      f"_g{c.block}"
+      if c.block and not c.format.startswith(("mx", "nv", "bfp"))
+      else ""
+    )
     + (f"_o{c.order}" if c.method.endswith("pipe") else "")
     + (f"_k{c.keep:g}" if c.method.endswith("pipe") and c.keep < 1 else "")
     + ("_clip" if c.clip_ratios else "")

@@ -52,7 +52,7 @@ def magr_options(config) -> dict:
   2 bits, else 1). Config fields shrink (> 0) and cd_sweeps (>= 0)
   override; magr_statistics picks 'hessian' or 'last_sample'.
   """
-  if config.format in formats.BLOCK_FORMATS:
+  if formats.is_block_format(config.format):
     fmt, scaling = formats.block_format(config.format)
     bits, group = fmt.bits, scaling.sizes[0]
   else:
@@ -93,7 +93,7 @@ def recipe_from_config(config) -> qjax.Recipe:
     if config.method.endswith("pipe"):
       options.pop("shrink")  # the expansion's orders refine a full grid
   axis = config.get("block_axis", -2)
-  if config.format in formats.BLOCK_FORMATS:
+  if formats.is_block_format(config.format):
     rule = qjax.rule(
       "kernel", config.format, axis=axis, method=config.method, **options
     )

@@ -99,7 +99,7 @@ def rule(
 ) -> Rule:
   """Builds a Rule; `fmt` may be a name, a block format name ('mxfp4',
   'nvfp4', ... blocked along `axis`) or a format object."""
-  if isinstance(fmt, str) and fmt in presets.BLOCK_FORMATS:
+  if presets.is_block_format(fmt):
     if scaling is not None:
       raise ValueError(f"{fmt!r} fixes its own scaling; do not pass one")
     fmt, scaling = presets.block_format(fmt, axis)

@@ -77,11 +77,22 @@ def get(name: "str | Format") -> Format:
   match = _INT.fullmatch(name)
   if match and 2 <= int(match[2]) <= 16:
     return IntFormat(int(match[2]), signed=not match[1], name=name)
-  raise ValueError(
-    f"unknown format {name!r}; known: {', '.join(PRESETS)}, nf4, any 'eXmY' "
-    "such as 'e3m3', 'intN'/'uintN', or a block format: "
-    f"{', '.join(BLOCK_FORMATS)}"
-  )
+  from qjax.formats import spec  # the full spec grammar builds on this module
+
+  try:
+    parsed = spec.parse(name)
+  except ValueError as e:
+    raise ValueError(
+      f"unknown format {name!r}; known: {', '.join(PRESETS)}, nf4, any "
+      "'eXmY' such as 'e3m3', 'intN'/'uintN', a block format "
+      f"({', '.join(BLOCK_FORMATS)}), or a spec ({e})"
+    ) from None
+  if isinstance(parsed, spec.BlockSpec):
+    raise ValueError(
+      f"{name!r} is a block format: use block_format({name!r}) (or pass it "
+      "as a rule's format)"
+    )
+  return parsed
 
 
 def _mx_element(name: str) -> ExMy:
@@ -117,10 +128,30 @@ def block_format(
       (0 for a Flax Dense kernel [in, out]).
   """
   if name not in BLOCK_FORMATS:
+    from qjax.formats import spec
+
+    parsed = spec.parse(name, axis=axis) if isinstance(name, str) else None
+    if isinstance(parsed, spec.BlockSpec):
+      return parsed.element, parsed.scaling
     raise ValueError(
-      f"unknown block format {name!r}; known: {', '.join(BLOCK_FORMATS)}"
+      f"unknown block format {name!r}; known: {', '.join(BLOCK_FORMATS)} "
+      "and the specs mxfp8e4, mxfp8e5, mxfp6e3, mxfp6e2, mxint4, bfpN"
     )
   element, size, scale_format, tensor_scale = BLOCK_FORMATS[name]
   return element, scaling_lib.Scaling(
     "block", (axis,), (size,), scale_format, tensor_scale=tensor_scale
   )
+
+
+def is_block_format(name) -> bool:
+  """Whether `name` names a block format (a preset or a block spec)."""
+  if not isinstance(name, str):
+    return False
+  if name in BLOCK_FORMATS:
+    return True
+  from qjax.formats import spec
+
+  try:
+    return isinstance(spec.parse(name), spec.BlockSpec)
+  except ValueError:
+    return False
