@@ -25,6 +25,7 @@ import numpy as np
 
 SCALE_FORMATS = ("float32", "bfloat16", "float16", "e8m0", "float8_e4m3fn")
 MODES = ("tensor", "channel", "block")
+SCALE_RULES = ("floor", "midmax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,10 @@ class Scaling:
       elements only).
     tensor_scale: a second, float32 per-tensor scale (NVFP4).
     ragged: allow block sizes that do not divide their axis.
+    scale_rule: how an E8M0 scale is chosen: 'floor' (OCP MX v1.0,
+      2^(floor(log2 amax) - emax_elem)) or 'midmax' (TensorCast's option:
+      one exponent higher when amax / 2^e exceeds the midpoint between the
+      element max and 2^(emax_elem + 1), trading clipping for resolution).
   """
 
   mode: str = "channel"
@@ -49,6 +54,7 @@ class Scaling:
   zero_point: bool = False
   tensor_scale: bool = False
   ragged: bool = False
+  scale_rule: str = "floor"
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -70,6 +76,15 @@ class Scaling:
         raise ValueError(f"block sizes must be >= 1, got {self.sizes}")
     elif self.mode == "channel" and len(self.axes) != 1:
       raise ValueError(f"channel scaling takes one axis, got {self.axes}")
+    if self.scale_rule not in SCALE_RULES:
+      raise ValueError(
+        f"scale_rule {self.scale_rule!r} is not one of {SCALE_RULES}"
+      )
+    if self.scale_rule != "floor" and self.scale_format != "e8m0":
+      raise ValueError(
+        f"scale_rule {self.scale_rule!r} is a rule for e8m0 scales, not "
+        f"{self.scale_format!r}"
+      )
     if self.tensor_scale and self.scale_format != "float8_e4m3fn":
       raise ValueError(
         "tensor_scale is the NVFP4 scheme: it needs "
@@ -130,6 +145,7 @@ class Scaling:
       s = "block" + "x".join(f"{n}@{a}" for n, a in pairs)
     s += f"_{self.scale_format}"
     s += "_zp" * self.zero_point + "_ts" * self.tensor_scale
+    s += "_midmax" * (self.scale_rule == "midmax")
     return s + "_ragged" * self.ragged
 
   def to_dict(self) -> dict:

@@ -15,7 +15,9 @@ Element formats:
   printed), `@away` or `@zero` (`e4m3fn@away`). Stochastic rounding needs a
   key, so it is an option of the quantizer (`rtn(..., rounding='stochastic',
   key=...)`), not part of a format.
-Block formats (an element format, a block size and an E8M0 or E4M3 scale):
+Block formats (an element format, a block size and an E8M0 or E4M3 scale;
+E8M0-scaled ones take `@midmax` for TensorCast's scale rule, `mxfp4@midmax`,
+instead of the OCP floor rule):
   mxfp8e4 mxfp8e5 mxfp6e3 mxfp6e2 mxfp4 mxint8 mxint4   OCP MX, blocks of 32
   nvfp4           e2m1 in blocks of 16, e4m3 block scale, float32 tensor scale
   bfpN            N >= 10: int(N - 8) mantissas sharing an E8M0 exponent per
@@ -57,7 +59,8 @@ VALID_FORMS = (
   "eXmY[bZ][fn|fnuz|ieee|finite] (e.g. e4m3fn, e5m2b16fnuz, e5m2ieee), "
   "e8m0, intK, uintK (K = 2..16), nf4, with an optional @even|@away|@zero "
   "rounding suffix; block formats mxfp8e4, mxfp8e5, mxfp6e3, "
-  "mxfp6e2, mxfp4, mxint8, mxint4, nvfp4, bfpN (N = 10..24)"
+  "mxfp6e2, mxfp4, mxint8, mxint4, nvfp4, bfpN (N = 10..24), with an "
+  "optional @midmax scale rule"
 )
 
 
@@ -105,11 +108,21 @@ def parse(
   if not isinstance(spec, str):
     raise TypeError(f"a format spec must be a string, got {spec!r}")
   text = spec.strip().lower()
-  block = _parse_block(spec, text)
+  base, _, rounding = text.partition("@")
+  block = _parse_block(spec, base)
   if block is not None:
     element, scaling = block
-    return BlockSpec(element, dataclasses.replace(scaling, axes=(axis,)))
-  base, _, rounding = text.partition("@")
+    if rounding and (rounding != "midmax" or scaling.scale_format != "e8m0"):
+      raise _error(
+        spec,
+        "@" + rounding,
+        "is not a scale rule of this block format "
+        "(E8M0-scaled formats take @midmax)",
+      )
+    scaling = dataclasses.replace(
+      scaling, axes=(axis,), scale_rule=rounding or "floor"
+    )
+    return BlockSpec(element, scaling)
   if rounding == "stochastic":
     raise _error(
       spec,
@@ -226,6 +239,11 @@ def _rounding_suffix(fmt) -> str:
 
 
 def _block_spec(element, scaling) -> str:
+  rule = "" if scaling.scale_rule == "floor" else f"@{scaling.scale_rule}"
+  return _block_name(element, scaling) + rule
+
+
+def _block_name(element, scaling) -> str:
   size = scaling.sizes[0] if scaling.sizes else None
   for spec in (*_MX, "mxint4"):
     el, sc = _parse_block(spec, spec)

@@ -5,6 +5,8 @@ divided by the element format's max, stored in the scaling's scale format:
   float32/bf16/f16  s = amax / max_elem, rounded to that dtype.
   e8m0              OCP MX v1.0: s = 2^(floor(log2 amax) - emax_elem), with
                     emax_elem = floor(log2 max_elem); elements saturate.
+                    scale_rule='midmax' (TensorCast) doubles s when amax / s
+                    exceeds (max_elem + 2^(emax_elem+1)) / 2.
   float8_e4m3fn     s = e4m3(clip(amax / max_elem, 2^-9, 448)); with a tensor
                     scale (NVFP4), s_t = amax_tensor / (max_elem * 448) and the
                     block scale is e4m3(amax_b / max_elem / s_t).
@@ -77,7 +79,13 @@ def _scales(stat, fmt, scaling: Scaling, tensor_scale):
   if scaling.scale_format == "e8m0":
     emax_elem = math.floor(math.log2(emax))
     biased = jax.lax.bitcast_convert_type(stat, jnp.uint32) >> 23
-    e = jnp.clip(biased.astype(jnp.int32) - 127 - emax_elem, -127, 127)
+    e = biased.astype(jnp.int32) - 127 - emax_elem
+    if scaling.scale_rule == "midmax":
+      # amax / 2^e lies in [2^emax_elem, 2^(emax_elem+1)); above the middle
+      # of [max_elem, 2^(emax_elem+1)] a larger scale clips less.
+      mid = (emax + 2.0 ** (emax_elem + 1)) / 2
+      e = e + (jnp.ldexp(stat, -e) > mid).astype(jnp.int32)
+    e = jnp.clip(e, -127, 127)
     stored = (e + 127).astype(jnp.uint8)
   elif scaling.scale_format == "float8_e4m3fn":
     s = divide(stat, emax)

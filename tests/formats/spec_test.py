@@ -49,6 +49,8 @@ BLOCK_SPECS = [
   "bfp16",
   "bfp12",
   "bfp10",
+  "mxfp4@midmax",
+  "bfp16@midmax",
 ]
 # Spec -> ml_dtypes type with exactly that meaning.
 ML_DTYPES = {
@@ -163,6 +165,7 @@ class SpecTest(parameterized.TestCase):
     ("e4m3fn@stochastic", "needs a key"),
     ("nf4@away", "does not apply to a codebook"),
     ("float9", "'float9' is not a known format"),
+    ("nvfp4@midmax", "'@midmax' is not a scale rule"),
   )
   def test_bad_specs_name_the_part(self, text, message):
     with self.assertRaisesRegex(ValueError, message) as ctx:

@@ -1,5 +1,6 @@
 """RTN against NumPy references of the OCP MX / NVFP4 rules, plus properties."""
 
+import dataclasses
 import math
 
 import jax
@@ -28,8 +29,10 @@ def _nearest_on_grid(y, grid):
   return np.where(pick_hi, hi, lo)
 
 
-def _mx_reference(w, element_grid, emax_elem):
-  """OCP MX v1.0 FLOOR rule over blocks of 32 along axis 0, NumPy loops."""
+def _mx_reference(w, element_grid, emax_elem, rule="floor"):
+  """OCP MX v1.0 FLOOR rule over blocks of 32 along axis 0, NumPy loops;
+  rule='midmax': one exponent up when amax / 2^e passes the midpoint of
+  [element max, 2^(emax_elem + 1)] (TensorCast)."""
   k, n = w.shape
   codes = np.zeros((k // 32, n), np.uint8)
   out = np.zeros_like(w)
@@ -38,6 +41,9 @@ def _mx_reference(w, element_grid, emax_elem):
       block = w[32 * b : 32 * b + 32, j].astype(np.float64)
       amax = np.abs(block).max()
       e = -127 if amax == 0 else math.floor(math.log2(amax)) - emax_elem
+      mid = (element_grid.max() + 2.0 ** (emax_elem + 1)) / 2
+      if rule == "midmax" and amax / 2.0**e > mid:
+        e += 1
       e = min(max(e, -127), 127)
       codes[b, j] = e + 127
       out[32 * b : 32 * b + 32, j] = (
@@ -67,6 +73,26 @@ class MxTest(parameterized.TestCase):
     q.validate()
     np.testing.assert_array_equal(q.scale, want_codes)
     np.testing.assert_array_equal(q.dequantize(), want.astype(np.float32))
+
+  @parameterized.parameters(("mxfp4", 2), ("mxfp8_e4m3", 8), ("mxint8", 0))
+  def test_midmax_rule_matches_reference(self, name, emax_elem):
+    element, scaling = formats.block_format(name, axis=0)
+    scaling = dataclasses.replace(scaling, scale_rule="midmax")
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((64, 40)).astype(np.float32)
+    w *= 10.0 ** rng.uniform(-2, 2, (1, 40)).astype(np.float32)
+    w[5, 0] = 1.999 * 2.0**10  # amax / 2^e just under 2^(emax_elem + 1)
+    grid = np.unique(element.values().astype(np.float64))
+    want_codes, want = _mx_reference(w, grid, emax_elem, "midmax")
+    floor_codes, _ = _mx_reference(w, grid, emax_elem)
+    self.assertTrue(np.any(want_codes != floor_codes))  # the rule bites
+    q = rtn.rtn(w, element, scaling)
+    np.testing.assert_array_equal(q.scale, want_codes)
+    np.testing.assert_array_equal(q.dequantize(), want.astype(np.float32))
+    with self.assertRaisesRegex(ValueError, "rule for e8m0 scales"):
+      formats.per_channel(scale_format="float32").__class__(
+        scale_format="float32", scale_rule="midmax"
+      )
 
   def test_worked_example_mxfp4(self):
     element, scaling = formats.block_format("mxfp4")
