@@ -18,16 +18,10 @@ import qjax
 from experiments import tasks
 from qjax import calibration, checkpoint, formats
 from qjax import eval as qeval
+from qjax import recipe as recipe_lib
 
-METHODS = (
-  "rtn",
-  "gptq",
-  "magr+rtn",
-  "magr+gptq",
-  "pipe",
-  "magr+pipe",
-  "gptq+pipe",
-)
+# Every recipe method but 'skip' (a config quantizes all kernels one way).
+METHODS = tuple(m for m in recipe_lib.METHODS if m != "skip")
 CSV_FIELDS = (
   "name",
   "model",
