@@ -1,0 +1,155 @@
+"""Pallas GPU kernel (Triton lowering) for x @ dequantize(w) on byte planes.
+
+Why Triton and not Mosaic GPU. JAX 0.10.2 lowers Pallas GPU kernels to
+Mosaic GPU by default (`jax_pallas_use_mosaic_gpu=True`) and asks new Mosaic
+GPU kernels to use `plgpu.kernel`; that backend targets Hopper and newer and
+is built around warpgroup MMAs on large tiles. A weight-only quantized
+matmul at decode shapes (M = 1..16) is bound by reading the weights, not by
+the MMA, and must run on the Ampere/Ada GPUs researchers have as well as on
+Hopper. The Triton lowering runs on all of them (and on ROCm), accepts the
+bit operations the unpacking needs, and can be lowered on a CPU-only machine,
+so the tests check that this kernel lowers on every CI run. We select it
+explicitly with `triton.CompilerParams`.
+
+Grid: (Mp / tm, Np / tn, split_k). Each program owns one [tm, tn] output
+tile of one K split and walks its K steps (one scale block per step for
+block scaling) in a `fori_loop`, keeping 8 float32 accumulators, one per
+column slot; XLA sums the splits (deterministic, no atomics).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from qjax.kernels import decode, layout, tile
+
+
+def _kernel(x_ref, *refs, pw_meta, has_zero):
+  fmt, scale_format, k_step, tile_n, per_step, n_steps, split_k = pw_meta
+  bits = fmt.bits
+  planes, rest = refs[:bits], refs[bits:]
+  scale_ref = rest[0]
+  zero_ref = rest[1] if has_zero else None
+  o_ref = rest[-1]
+  w = tile_n // tile.SLOTS
+  tm = x_ref.shape[0]
+  cd = tile.mma_dtype(x_ref.dtype)
+
+  def step(s, accs):
+    k0 = pl.multiple_of(s * k_step, k_step)
+    xk = x_ref[:, pl.ds(k0, k_step)].astype(cd)
+    bytes_ = [p[pl.ds(k0, k_step), :].astype(jnp.int32) for p in planes]
+    row = s if per_step else 0
+    out = []
+    for j in range(tile.SLOTS):
+      cols = pl.ds(j * w, w)
+      zero = zero_ref[pl.ds(row, 1), cols] if zero_ref is not None else None
+      part = tile.dot(xk, tile.slot_values(bytes_, j, fmt, zero))
+      if per_step:
+        part = part * decode.decode_scale(
+          scale_ref[pl.ds(row, 1), cols], scale_format
+        )
+      out.append(accs[j] + part)
+    return tuple(out)
+
+  init = tuple(jnp.zeros((tm, w), jnp.float32) for _ in range(tile.SLOTS))
+  # Split-K: program (i, n, c) sums steps [lo, hi); XLA adds the splits.
+  per_split = -(-n_steps // split_k)
+  lo = pl.program_id(2) * per_split
+  hi = jnp.minimum(lo + per_split, n_steps)
+  accs = jax.lax.fori_loop(lo, hi, step, init)
+  for j in range(tile.SLOTS):
+    acc = accs[j]
+    if not per_step:
+      acc = acc * decode.decode_scale(
+        scale_ref[pl.ds(0, 1), pl.ds(j * w, w)], scale_format
+      )
+    o_ref[:, pl.ds(j * w, w)] = acc
+
+
+def default_tiles(m: int, pw: layout.PreparedWeight) -> tuple[int, int]:
+  """(tile_m, split_k) for M rows: enough programs to fill a GPU.
+
+  Decode shapes have one row tile and Np / tn column tiles, far fewer
+  programs than an H100's 132 SMs, so K is split until there are about 512.
+  """
+  tile_m = 16 if m <= 16 else 64
+  kp, np_ = pw.padded_shape
+  n_steps = kp // pw.k_step
+  programs = -(-m // tile_m) * (np_ // pw.tile_n)
+  split_k = 1
+  while split_k * 2 <= n_steps and programs * split_k * 2 <= 512:
+    split_k *= 2
+  return tile_m, split_k
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=("tile_m", "split_k", "interpret", "num_warps", "num_stages"),
+)
+def matmul(
+  x: jax.Array,
+  pw: layout.PreparedWeight,
+  *,
+  tile_m: int | None = None,
+  split_k: int | None = None,
+  interpret: bool = False,
+  num_warps: int = 4,
+  num_stages: int = 3,
+) -> jax.Array:
+  """x [M, K] @ pw -> float32 [M, N] (tensor scale applied, not cast).
+
+  x is padded to [Mp, Kp] (tile_m rows, the K steps) here; the weight was
+  padded once by `layout.prepare`. tile_m and split_k default to
+  `default_tiles`.
+  """
+  auto_m, auto_split = default_tiles(x.shape[0], pw)
+  tile_m = tile_m or auto_m
+  split_k = split_k or auto_split
+  m, k = x.shape
+  kp, np_ = pw.padded_shape
+  if k != pw.shape[0]:
+    raise ValueError(f"x has K={k}, the weight has K={pw.shape[0]}")
+  mp = -(-m // tile_m) * tile_m
+  x = jnp.pad(x, ((0, mp - m), (0, kp - k)))
+  tn, w = pw.tile_n, pw.tile_n // tile.SLOTS
+  has_zero = pw.zero is not None
+  s_rows = pw.scale.shape[0]
+  n_steps = kp // pw.k_step
+  split_k = max(1, min(split_k, n_steps))
+  meta = (
+    pw.fmt,
+    pw.scale_format,
+    pw.k_step,
+    tn,
+    pw.scale_per_step,
+    n_steps,
+    split_k,
+  )
+  in_specs = [pl.BlockSpec((tile_m, kp), lambda i, n, c: (i, 0))]
+  in_specs += [pl.BlockSpec((None, kp, w), lambda i, n, c: (n, 0, 0))] * (
+    pw.bits
+  )
+  in_specs += [pl.BlockSpec((s_rows, tn), lambda i, n, c: (0, n))] * (
+    1 + has_zero
+  )
+  operands = [x, *pw.planes, pw.scale] + ([pw.zero] if has_zero else [])
+  out = pl.pallas_call(
+    functools.partial(_kernel, pw_meta=meta, has_zero=has_zero),
+    out_shape=jax.ShapeDtypeStruct((split_k, mp, np_), jnp.float32),
+    grid=(mp // tile_m, np_ // tn, split_k),
+    in_specs=in_specs,
+    out_specs=pl.BlockSpec((None, tile_m, tn), lambda i, n, c: (c, i, n)),
+    compiler_params=pltriton.CompilerParams(
+      num_warps=num_warps, num_stages=num_stages
+    ),
+    interpret=interpret,
+  )(*operands)
+  out = out.sum(axis=0) if split_k > 1 else out[0]
+  out = out[:m, : pw.shape[1]]
+  if pw.tensor_scale is not None:
+    out = out * pw.tensor_scale
+  return out
