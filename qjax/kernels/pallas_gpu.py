@@ -27,6 +27,17 @@ from jax.experimental.pallas import triton as pltriton
 from qjax.kernels import decode, layout, tile
 
 
+def _fma(xk: jax.Array, v: jax.Array) -> jax.Array:
+  """[tm, ks] x [ks, w] -> float32 [tm, w] on the CUDA cores (tm < 16).
+
+  A Triton MMA needs 16 rows; at decode (M = 1..4) padding x to 16 would
+  multiply the work and the split-K output by 16 / M, so small M broadcasts
+  and reduces instead.
+  """
+  xt = xk.astype(jnp.float32).T  # [ks, tm]
+  return jnp.sum(xt[:, :, None] * v[:, None, :], axis=0)
+
+
 def _kernel(x_ref, *refs, pw_meta, has_zero):
   fmt, scale_format, k_step, tile_n, per_step, n_steps, split_k = pw_meta
   bits = fmt.bits
@@ -37,6 +48,7 @@ def _kernel(x_ref, *refs, pw_meta, has_zero):
   w = tile_n // tile.SLOTS
   tm = x_ref.shape[0]
   cd = tile.mma_dtype(x_ref.dtype)
+  product = tile.dot if tm >= 16 else _fma
 
   def step(s, accs):
     k0 = pl.multiple_of(s * k_step, k_step)
@@ -47,7 +59,7 @@ def _kernel(x_ref, *refs, pw_meta, has_zero):
     for j in range(tile.SLOTS):
       cols = pl.ds(j * w, w)
       zero = zero_ref[pl.ds(row, 1), cols] if zero_ref is not None else None
-      part = tile.dot(xk, tile.slot_values(bytes_, j, fmt, zero))
+      part = product(xk, tile.slot_values(bytes_, j, fmt, zero))
       if per_step:
         part = part * decode.decode_scale(
           scale_ref[pl.ds(row, 1), cols], scale_format
@@ -70,25 +82,39 @@ def _kernel(x_ref, *refs, pw_meta, has_zero):
     o_ref[:, pl.ds(j * w, w)] = acc
 
 
-def default_tiles(m: int, pw: layout.PreparedWeight) -> tuple[int, int]:
+def default_tiles(
+  m: int, pw: layout.PreparedWeight, target_programs: int = 512
+) -> tuple[int, int]:
   """(tile_m, split_k) for M rows: enough programs to fill a GPU.
 
-  Decode shapes have one row tile and Np / tn column tiles, far fewer
-  programs than an H100's 132 SMs, so K is split until there are about 512.
+  M <= 4 takes tile_m = M rounded up to a power of two (the CUDA-core path,
+  `_fma`), larger M the MMA path with 16 or 64 rows. Decode shapes have far
+  fewer column tiles than an H100 has SMs (132), so K is split until there
+  are about `target_programs` programs.
   """
-  tile_m = 16 if m <= 16 else 64
+  if m <= 4:
+    tile_m = 1 << (m - 1).bit_length()
+  else:
+    tile_m = 16 if m <= 16 else 64
   kp, np_ = pw.padded_shape
   n_steps = kp // pw.k_step
   programs = -(-m // tile_m) * (np_ // pw.tile_n)
   split_k = 1
-  while split_k * 2 <= n_steps and programs * split_k * 2 <= 512:
+  while split_k * 2 <= n_steps and programs * split_k * 2 <= target_programs:
     split_k *= 2
   return tile_m, split_k
 
 
 @functools.partial(
   jax.jit,
-  static_argnames=("tile_m", "split_k", "interpret", "num_warps", "num_stages"),
+  static_argnames=(
+    "tile_m",
+    "split_k",
+    "interpret",
+    "num_warps",
+    "num_stages",
+    "target_programs",
+  ),
 )
 def matmul(
   x: jax.Array,
@@ -99,6 +125,7 @@ def matmul(
   interpret: bool = False,
   num_warps: int = 4,
   num_stages: int = 3,
+  target_programs: int = 512,
 ) -> jax.Array:
   """x [M, K] @ pw -> float32 [M, N] (tensor scale applied, not cast).
 
@@ -106,7 +133,7 @@ def matmul(
   padded once by `layout.prepare`. tile_m and split_k default to
   `default_tiles`.
   """
-  auto_m, auto_split = default_tiles(x.shape[0], pw)
+  auto_m, auto_split = default_tiles(x.shape[0], pw, target_programs)
   tile_m = tile_m or auto_m
   split_k = split_k or auto_split
   m, k = x.shape
