@@ -1,7 +1,6 @@
 """Matmul on packed quantized weights: Pallas kernels and the XLA reference."""
 
-from qjax.kernels.layout import PreparedWeight
-from qjax.kernels.qmatmul import (
+from qjax.kernels.dispatch import (
   IMPLS,
   default_impl,
   prepare,
@@ -9,6 +8,7 @@ from qjax.kernels.qmatmul import (
   qmatmul,
   reference,
 )
+from qjax.kernels.layout import PreparedWeight
 
 __all__ = [
   "IMPLS",

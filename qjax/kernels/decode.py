@@ -15,36 +15,29 @@ from qjax.formats import exmy, integer, presets
 _E4M3 = presets.get("float8_e4m3fn")
 
 
-def _pow2(k: jax.Array, lo: int, hi: int) -> jax.Array:
-  """2.0**k for int32 k known to lie in [lo, hi], built from exponent bits.
-
-  A float32 with biased exponent k + 127 and zero fraction is exactly 2^k for
-  k in [-126, 127]; wider ranges multiply two such powers (still exact,
-  because each factor and the product are powers of two).
-  """
-  if -126 <= lo and hi <= 127:
-    return jax.lax.bitcast_convert_type((k + 127) << 23, jnp.float32)
-  half = k // 2  # half and k - half both lie in [lo // 2, hi // 2 + 1]
-  return _pow2(half, lo // 2, hi // 2 + 1) * _pow2(
-    k - half, lo // 2, hi // 2 + 1
-  )
-
-
 def _decode_exmy(c: jax.Array, fmt: exmy.ExMy) -> jax.Array:
+  # Normal codes compose the float32 bits directly (exact everywhere, also
+  # where a backend flushes subnormal arithmetic). Codes below float32's
+  # normal range (e8m0's 2^-127) shift the significand into a float32
+  # subnormal.
   y, nb = fmt.mantissa_bits, fmt._magnitude_bits
   mag = c & ((1 << nb) - 1)
   e, m = mag >> y, mag & ((1 << y) - 1)
   top = (1 << fmt.exponent_bits) - 1
+  out_exp = e - fmt.bias + 127
+  bits = (out_exp << 23) | (m << (23 - y))
+  lowest_normal_e = 1 if fmt.subnormals else 0
+  if lowest_normal_e - fmt.bias + 127 < 1:  # float32 subnormals among them
+    shift = jnp.clip(e - fmt.bias - y + 149, 0, 31)
+    bits = jnp.where(out_exp >= 1, bits, (m | (1 << y)) << shift)
+  value = jax.lax.bitcast_convert_type(bits, jnp.float32)
   if fmt.subnormals:
-    normal = e > 0
-    sig = jnp.where(normal, m | (1 << y), m)
-    unit = jnp.where(normal, e, 1) - fmt.bias - y
-    lo = 1 - fmt.bias - y
-  else:
-    sig = m | (1 << y)
-    unit = e - fmt.bias - y
-    lo = -fmt.bias - y
-  value = sig.astype(jnp.float32) * _pow2(unit, lo, top - fmt.bias - y)
+    if fmt.bias >= 127:  # every subnormal is a float32 subnormal
+      sub_bits = m << (1 - fmt.bias - y + 149)
+      sub = jax.lax.bitcast_convert_type(sub_bits, jnp.float32)
+    else:  # exact float32 normals: m * 2^(1 - bias - y)
+      sub = m.astype(jnp.float32) * jnp.float32(2.0 ** (1 - fmt.bias - y))
+    value = jnp.where(e == 0, sub, value)
   if fmt.signed:
     sign = (c >> nb) & 1
     value = jnp.where(sign == 1, -value, value)
@@ -53,7 +46,10 @@ def _decode_exmy(c: jax.Array, fmt: exmy.ExMy) -> jax.Array:
   nan = jnp.float32(jnp.nan)
   if fmt.special == "ieee":
     is_top = e == top
-    value = jnp.where(is_top & (m == 0), value * jnp.float32(jnp.inf), value)
+    inf = (
+      jnp.where(sign == 1, -jnp.inf, jnp.inf) if sign is not None else jnp.inf
+    )
+    value = jnp.where(is_top & (m == 0), jnp.float32(1) * inf, value)
     value = jnp.where(is_top & (m != 0), nan, value)
   elif fmt.special == "fn":
     value = jnp.where(mag == (1 << nb) - 1, nan, value)
