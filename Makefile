@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -e .[test,bench]
 	$(PY) -m benchmarks.formats
 	$(PY) -m benchmarks.gptq_magr --qwix --memory
+	$(PY) -m benchmarks.qmatmul --quick
 
 sweep: $(STAMP)
 	$(PY) -m experiments.sweep --workdir=workdir/sweep
