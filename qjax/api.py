@@ -12,7 +12,7 @@ from qjax import qtensor
 from qjax.quantizers import coordinate_descent
 from qjax.quantizers.gptq import gptq
 from qjax.quantizers.rtn import rtn
-from qjax.recipe import CALIBRATED, Recipe
+from qjax.recipe import CALIBRATED, TWO_STREAM, Recipe
 from qjax.transforms import residual
 from qjax.transforms.magr import magr
 
@@ -95,6 +95,12 @@ def quantize(
     from qjax import calibration  # calibration itself calls quantize
 
     model, batches = calib
+    if recipe.needs_two_streams:
+      from qjax import diffusion
+
+      return diffusion.quantize_diffused(
+        params, recipe, model, batches, progress=progress
+      )
     return calibration.quantize_sequential(
       params, recipe, model, batches, key=key, progress=progress
     )
@@ -143,6 +149,12 @@ def _pop_prefixed(kwargs, prefix):
 
 
 def _apply_rule(r, w, h, gram, kwargs):
+  if r.method in TWO_STREAM:
+    raise ValueError(
+      f"method {r.method!r} needs the float and the quantized activation "
+      "streams: quantize(params, recipe, calib=(block_model, batches)) "
+      "(qjax.diffusion)"
+    )
   if r.method in CALIBRATED and h is None:
     raise ValueError(
       f"method {r.method!r} needs calibration statistics and none reached "

@@ -26,9 +26,20 @@ METHODS = (
   "pipe",
   "magr+pipe",
   "gptq+pipe",
+  "ed",
+  "gpfq",
   "skip",
 )
-CALIBRATED = ("gptq", "magr+rtn", "magr+gptq", "magr+pipe", "gptq+pipe")
+# Error Diffusion and GPFQ need both activation streams (qjax.diffusion).
+TWO_STREAM = ("ed", "gpfq")
+CALIBRATED = (
+  "gptq",
+  "magr+rtn",
+  "magr+gptq",
+  "magr+pipe",
+  "gptq+pipe",
+  *TWO_STREAM,
+)
 NAN_POLICIES = ("raise", "zero")
 DEFAULT_SKIP_WORDS = ("embed", "norm", "bias")
 
@@ -122,6 +133,11 @@ class Recipe:
   @property
   def needs_calibration(self) -> bool:
     return any(r.method in CALIBRATED for r in self.rules)
+
+  @property
+  def needs_two_streams(self) -> bool:
+    """Whether a rule needs the float and the quantized stream (ED)."""
+    return any(r.method in TWO_STREAM for r in self.rules)
 
   @property
   def needs_last_sample(self) -> bool:
