@@ -54,6 +54,7 @@ def base_config(model: str, args: dict) -> ml_collections.ConfigDict:
   c.cd_sweeps = args["cd_sweeps"]
   c.order = args["order"]  # pipe: residual terms per weight
   c.keep = args["keep"]  # pipe: fraction of channels orders >= 2 keep
+  c.adjust = args["adjust"]  # ed: the adjust step (error_diffusion.ADJUSTS)
   c.recipe = None  # or {'rules': [...]} to override the flat fields
   c.save_checkpoint = True
   c.name = (
@@ -65,6 +66,7 @@ def base_config(model: str, args: dict) -> ml_collections.ConfigDict:
     )
     + (f"_o{c.order}" if c.method.endswith("pipe") else "")
     + (f"_k{c.keep:g}" if c.method.endswith("pipe") and c.keep < 1 else "")
+    + (f"_{c.adjust}" if c.method == "ed" and c.adjust != "lstsq" else "")
     + ("_clip" if c.clip_ratios else "")
     + ("_last" if c.magr_statistics == "last_sample" else "")
     + (f"_beta{c.shrink:g}" if c.shrink else "")
@@ -92,4 +94,7 @@ DEFAULTS = {
   # output channels each order >= 2 keeps (qjax.transforms.residual).
   "order": 2,
   "keep": 1.0,
+  # Error Diffusion (ed): the adjust step, 'lstsq' (our reading of the
+  # paper), 'rescale' or 'bias' (qjax.quantizers.error_diffusion).
+  "adjust": "lstsq",
 }

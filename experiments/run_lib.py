@@ -16,7 +16,7 @@ import time
 
 import qjax
 from experiments import tasks
-from qjax import calibration, checkpoint, formats
+from qjax import checkpoint, formats
 from qjax import eval as qeval
 from qjax import recipe as recipe_lib
 
@@ -79,6 +79,8 @@ def recipe_from_config(config) -> qjax.Recipe:
     options["clip_ratios"] = tuple(config.clip_ratios)
   if "gptq" in config.method:
     options["act_order"] = bool(config.get("act_order", False))
+  if config.method == "ed":
+    options["adjust"] = config.get("adjust", "lstsq")
   if config.method.endswith("pipe"):
     options["pipe_order"] = int(config.order)
     options["pipe_keep"] = float(config.keep)
@@ -139,9 +141,10 @@ def run(config, workdir) -> dict:
         f"calibrated methods are not wired for {task.name!r} "
         "yet; choices: smollm2"
       )
-    qparams = calibration.quantize_sequential(
-      params, recipe, task.block_model(params), task.calibration_batches(config)
-    )
+    calib = (task.block_model(params), task.calibration_batches(config))
+    # ED/GPFQ rules take the two-stream driver, the others GPTQ's
+    # sequential mode (qjax.quantize dispatches).
+    qparams = qjax.quantize(params, recipe, calib=calib, progress=True)
   else:
     qparams = qjax.quantize(params, recipe, progress=True)
   seconds = time.perf_counter() - start
