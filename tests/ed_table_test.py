@@ -1,0 +1,40 @@
+"""experiments.ed_table: rows and cells from sweep CSV rows."""
+
+from absl.testing import absltest
+
+from experiments import ed_table
+
+
+def _row(name, method, fmt, q):
+  return dict(
+    name=name,
+    method=method,
+    format=fmt,
+    quantized_quality=str(q),
+    bits_per_weight="4.25",
+    quality="cosine_mean",
+  )
+
+
+class EDTableTest(absltest.TestCase):
+  def test_adjust_variants_get_their_own_rows(self):
+    rows = [
+      _row("minilm_rtn_mxfp4", "rtn", "mxfp4", 0.95),
+      _row("minilm_ed_mxfp4", "ed", "mxfp4", 0.98),
+      _row("minilm_ed_mxfp4_rescale", "ed", "mxfp4", 0.97),
+      _row("minilm_rtn_nvfp4", "rtn", "nvfp4", 0.96),
+    ]
+    text, cells = ed_table.table(rows)
+    self.assertEqual(cells["ed_rescale", "mxfp4"], 0.97)
+    self.assertEqual(cells["ed", "mxfp4"], 0.98)
+    lines = text.splitlines()
+    self.assertEqual(lines[0], "| method | mxfp4 | nvfp4 |")
+    self.assertIn("| ed | 0.98 | not run |", lines)
+    self.assertLess(
+      lines.index("| rtn | 0.95 | 0.96 |"),
+      lines.index("| ed | 0.98 | not run |"),
+    )
+
+
+if __name__ == "__main__":
+  absltest.main()
