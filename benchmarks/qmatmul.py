@@ -236,6 +236,7 @@ def main():
   p.add_argument("--reps", type=int, default=8)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--json", help="write the rows here")
+  p.add_argument("--gemv", help="Triton M = 1 loop: reduce or accumulate")
   p.add_argument("--impl", default="auto", help="--check: kernel to check")
   p.add_argument(
     "--interpret", action="store_true", help="--check: Pallas interpret mode"
@@ -249,6 +250,10 @@ def main():
   if args.quick:
     args.shapes, args.m = [(1024, 1024)], [1, 16]
     args.sets, args.reps, args.repeats = 2, 2, 3
+  if args.gemv:
+    from qjax.kernels import pallas_gpu
+
+    pallas_gpu.GEMV = args.gemv
   device = jax.devices()[0]
   print(
     f"device: {device.device_kind} ({jax.default_backend()}), "

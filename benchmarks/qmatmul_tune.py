@@ -40,13 +40,22 @@ def main():
   for programs, tile_n in itertools.product((264, 1056), (128, 256, 512)):
     pws = [layout.prepare(q, tile_n=tile_n) for q in weights]
     wbytes = pws[0].nbytes
-    for warps, stages in ((4, 3), (8, 3)):
+    for warps, stages, gemv in (
+      (4, 3, "reduce"),
+      (4, 3, "accumulate"),
+      (8, 3, "accumulate"),
+    ):
       if time.perf_counter() - start > args.seconds:
         break
 
-      def fn(x, pw, programs=programs, warps=warps, stages=stages):
+      def fn(x, pw, programs=programs, warps=warps, stages=stages, gemv=gemv):
         return pallas_gpu.matmul(
-          x, pw, target_programs=programs, num_warps=warps, num_stages=stages
+          x,
+          pw,
+          target_programs=programs,
+          num_warps=warps,
+          num_stages=stages,
+          gemv=gemv,
         )
 
       try:
@@ -58,9 +67,10 @@ def main():
           flush=True,
         )
         continue
-      results.append((t, tile_n, programs, warps, stages, wbytes / t))
+      results.append((t, tile_n, programs, warps, stages, gemv, wbytes / t))
       print(
-        f"tile_n={tile_n} programs={programs} warps={warps} stages={stages}: "
+        f"tile_n={tile_n} programs={programs} warps={warps} stages={stages} "
+        f"{gemv}: "
         f"{t * 1e6:.1f} us, {wbytes / t / 1e9:.0f} GB/s",
         flush=True,
       )

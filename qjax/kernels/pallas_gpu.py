@@ -27,6 +27,10 @@ from jax.experimental.pallas import triton as pltriton
 from qjax.kernels import decode, layout, tile
 
 
+# The M = 1 loop when matmul's gemv is None (see matmul).
+GEMV = "reduce"
+
+
 def _fma(xk: jax.Array, v: jax.Array) -> jax.Array:
   """[tm, ks] x [ks, w] -> float32 [tm, w] on the CUDA cores (tm < 16).
 
@@ -38,8 +42,10 @@ def _fma(xk: jax.Array, v: jax.Array) -> jax.Array:
   return jnp.sum(xt[:, :, None] * v[:, None, :], axis=0)
 
 
-def _kernel(x_ref, *refs, pw_meta, has_zero):
+def _kernel(x_ref, *refs, pw_meta, has_zero, gemv):
   fmt, scale_format, k_step, tile_n, per_step, n_steps, split_k = pw_meta
+  if gemv == "accumulate" and x_ref.shape[0] == 1:
+    return _gemv_kernel(x_ref, *refs, pw_meta=pw_meta, has_zero=has_zero)
   bits = fmt.bits
   planes, rest = refs[:bits], refs[bits:]
   scale_ref = rest[0]
@@ -82,6 +88,49 @@ def _kernel(x_ref, *refs, pw_meta, has_zero):
     o_ref[:, pl.ds(j * w, w)] = acc
 
 
+def _gemv_kernel(x_ref, *refs, pw_meta, has_zero):
+  """M = 1 without a reduction per step: each slot keeps a [k_step, w]
+  float32 accumulator of x_k * w_kn (scaled per step), summed over k once
+  at the end, so the loop body is loads, unpacking and FMAs only."""
+  fmt, scale_format, k_step, tile_n, per_step, n_steps, split_k = pw_meta
+  bits = fmt.bits
+  planes, rest = refs[:bits], refs[bits:]
+  scale_ref = rest[0]
+  zero_ref = rest[1] if has_zero else None
+  o_ref = rest[-1]
+  w = tile_n // tile.SLOTS
+
+  def step(s, accs):
+    k0 = pl.multiple_of(s * k_step, k_step)
+    xt = x_ref[:, pl.ds(k0, k_step)].astype(jnp.float32).T  # [ks, 1]
+    bytes_ = [p[pl.ds(k0, k_step), :].astype(jnp.int32) for p in planes]
+    row = s if per_step else 0
+    out = []
+    for j in range(tile.SLOTS):
+      cols = pl.ds(j * w, w)
+      zero = zero_ref[pl.ds(row, 1), cols] if zero_ref is not None else None
+      values = tile.slot_values(bytes_, j, fmt, zero)
+      if per_step:
+        values = values * decode.decode_scale(
+          scale_ref[pl.ds(row, 1), cols], scale_format
+        )
+      out.append(accs[j] + xt * values)
+    return tuple(out)
+
+  init = tuple(jnp.zeros((k_step, w), jnp.float32) for _ in range(tile.SLOTS))
+  per_split = -(-n_steps // split_k)
+  lo = pl.program_id(2) * per_split
+  hi = jnp.minimum(lo + per_split, n_steps)
+  accs = jax.lax.fori_loop(lo, hi, step, init)
+  for j in range(tile.SLOTS):
+    acc = jnp.sum(accs[j], axis=0, keepdims=True)  # [1, w]
+    if not per_step:
+      acc = acc * decode.decode_scale(
+        scale_ref[pl.ds(0, 1), pl.ds(j * w, w)], scale_format
+      )
+    o_ref[:, pl.ds(j * w, w)] = acc
+
+
 def default_tiles(
   m: int, pw: layout.PreparedWeight, target_programs: int = 512
 ) -> tuple[int, int]:
@@ -114,6 +163,7 @@ def default_tiles(
     "num_warps",
     "num_stages",
     "target_programs",
+    "gemv",
   ),
 )
 def matmul(
@@ -126,13 +176,18 @@ def matmul(
   num_warps: int = 4,
   num_stages: int = 3,
   target_programs: int = 512,
+  gemv: str | None = None,
 ) -> jax.Array:
   """x [M, K] @ pw -> float32 [M, N] (tensor scale applied, not cast).
 
   x is padded to [Mp, Kp] (tile_m rows, the K steps) here; the weight was
   padded once by `layout.prepare`. tile_m and split_k default to
-  `default_tiles`.
+  `default_tiles`. gemv picks the M = 1 loop: 'reduce' (a K reduction per
+  step, `_fma`) or 'accumulate' (`_gemv_kernel`).
   """
+  gemv = gemv or GEMV
+  if gemv not in ("reduce", "accumulate"):
+    raise ValueError(f"gemv must be 'reduce' or 'accumulate', got {gemv!r}")
   auto_m, auto_split = default_tiles(x.shape[0], pw, target_programs)
   tile_m = tile_m or auto_m
   split_k = split_k or auto_split
@@ -165,7 +220,7 @@ def matmul(
   )
   operands = [x, *pw.planes, pw.scale] + ([pw.zero] if has_zero else [])
   out = pl.pallas_call(
-    functools.partial(_kernel, pw_meta=meta, has_zero=has_zero),
+    functools.partial(_kernel, pw_meta=meta, has_zero=has_zero, gemv=gemv),
     out_shape=jax.ShapeDtypeStruct((split_k, mp, np_), jnp.float32),
     grid=(mp // tile_m, np_ // tn, split_k),
     in_specs=in_specs,

@@ -105,6 +105,16 @@ class KernelTest(parameterized.TestCase):
     self.assertLess(_rel(out, want), 2e-6)
     self.assertLess(_rel(kernels.reference(x, qt), want), 2e-6)
 
+  @parameterized.parameters(
+    "int4_pc", "int3_pc", "mxfp4", "nvfp4", "uint4_g128_zero"
+  )
+  def test_triton_gemv_accumulate_matches_slow_reference(self, name):
+    qt = _quantized(name, 576, 300)
+    x = jax.random.normal(jax.random.PRNGKey(4), (1, 576))
+    pw = kernels.prepare(qt, "triton")
+    out = pallas_gpu.matmul(x, pw, gemv="accumulate", interpret=True)
+    self.assertLess(_rel(out, _slow_reference(x, qt)), 2e-6)
+
   @parameterized.parameters(*FORMATS)
   def test_tpu_kernel_matches_slow_reference(self, name):
     qt = _quantized(name, 576, 1100)
