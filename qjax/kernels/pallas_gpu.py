@@ -26,7 +26,6 @@ from jax.experimental.pallas import triton as pltriton
 
 from qjax.kernels import decode, layout, tile
 
-
 # The M = 1 loop when matmul's gemv is None (see matmul).
 GEMV = "reduce"
 
