@@ -136,6 +136,22 @@ def _dequantize(qt: QTensor) -> jax.Array:
   return values * expand_blocks(scale, qt.shape, block_shape)
 
 
+def from_parts(parts, fmt, scaling: Scaling, like) -> "QTensor":
+  """A QTensor from (packed, stored scale, zero, tensor scale) of a
+  quantizer, with the shape and dtype of the weight `like`."""
+  packed, stored, zero, tensor_scale = parts
+  return QTensor(
+    packed,
+    stored,
+    zero,
+    tensor_scale,
+    fmt,
+    scaling,
+    tuple(like.shape),
+    np.dtype(like.dtype),
+  )
+
+
 def is_qtensor(x) -> bool:
   return isinstance(x, QTensor)
 

@@ -41,50 +41,65 @@ def _fma(xk: jax.Array, v: jax.Array) -> jax.Array:
   return jnp.sum(xt[:, :, None] * v[:, None, :], axis=0)
 
 
+def _split_range(n_steps: int, split_k: int):
+  """Split-K: program (i, n, c) sums steps [lo, hi); XLA adds the splits."""
+  per_split = -(-n_steps // split_k)
+  lo = pl.program_id(2) * per_split
+  return lo, jnp.minimum(lo + per_split, n_steps)
+
+
+def _store(o_ref, accs, scale_ref, scale_format, per_step, w):
+  """Writes the 8 slot results, scaled here when scales are per channel."""
+  for j, acc in enumerate(accs):
+    if not per_step:
+      acc = acc * decode.decode_scale(
+        scale_ref[pl.ds(0, 1), pl.ds(j * w, w)], scale_format
+      )
+    o_ref[:, pl.ds(j * w, w)] = acc
+
+
+def _step_slots(s, planes, scale_ref, zero_ref, pw_meta):
+  """K step s: for each of the 8 slots, (values [k_step, w] minus zero
+  points, the step's scale row [1, w] or None when scales are per channel
+  and applied at the end)."""
+  fmt, scale_format, k_step, tile_n, per_step, _, _ = pw_meta
+  w = tile_n // tile.SLOTS
+  k0 = pl.multiple_of(s * k_step, k_step)
+  bytes_ = [p[pl.ds(k0, k_step), :].astype(jnp.int32) for p in planes]
+  row = pl.ds(s if per_step else 0, 1)
+  for j in range(tile.SLOTS):
+    cols = pl.ds(j * w, w)
+    zero = zero_ref[row, cols] if zero_ref is not None else None
+    scale = None
+    if per_step:
+      scale = decode.decode_scale(scale_ref[row, cols], scale_format)
+    yield tile.slot_values(bytes_, j, fmt, zero), scale
+
+
 def _kernel(x_ref, *refs, pw_meta, has_zero, gemv):
   fmt, scale_format, k_step, tile_n, per_step, n_steps, split_k = pw_meta
   if gemv == "accumulate" and x_ref.shape[0] == 1:
     return _gemv_kernel(x_ref, *refs, pw_meta=pw_meta, has_zero=has_zero)
-  bits = fmt.bits
-  planes, rest = refs[:bits], refs[bits:]
-  scale_ref = rest[0]
-  zero_ref = rest[1] if has_zero else None
-  o_ref = rest[-1]
+  planes, scale_ref, zero_ref, (o_ref,) = tile.split_refs(
+    refs, fmt.bits, has_zero
+  )
   w = tile_n // tile.SLOTS
   tm = x_ref.shape[0]
   cd = tile.mma_dtype(x_ref.dtype)
   product = tile.dot if tm >= 16 else _fma
 
   def step(s, accs):
-    k0 = pl.multiple_of(s * k_step, k_step)
-    xk = x_ref[:, pl.ds(k0, k_step)].astype(cd)
-    bytes_ = [p[pl.ds(k0, k_step), :].astype(jnp.int32) for p in planes]
-    row = s if per_step else 0
+    xk = x_ref[:, pl.ds(pl.multiple_of(s * k_step, k_step), k_step)]
     out = []
-    for j in range(tile.SLOTS):
-      cols = pl.ds(j * w, w)
-      zero = zero_ref[pl.ds(row, 1), cols] if zero_ref is not None else None
-      part = product(xk, tile.slot_values(bytes_, j, fmt, zero))
-      if per_step:
-        part = part * decode.decode_scale(
-          scale_ref[pl.ds(row, 1), cols], scale_format
-        )
-      out.append(accs[j] + part)
+    slots = _step_slots(s, planes, scale_ref, zero_ref, pw_meta)
+    for acc, (values, scale) in zip(accs, slots, strict=True):
+      part = product(xk.astype(cd), values)
+      out.append(acc + (part if scale is None else part * scale))
     return tuple(out)
 
   init = tuple(jnp.zeros((tm, w), jnp.float32) for _ in range(tile.SLOTS))
-  # Split-K: program (i, n, c) sums steps [lo, hi); XLA adds the splits.
-  per_split = -(-n_steps // split_k)
-  lo = pl.program_id(2) * per_split
-  hi = jnp.minimum(lo + per_split, n_steps)
-  accs = jax.lax.fori_loop(lo, hi, step, init)
-  for j in range(tile.SLOTS):
-    acc = accs[j]
-    if not per_step:
-      acc = acc * decode.decode_scale(
-        scale_ref[pl.ds(0, 1), pl.ds(j * w, w)], scale_format
-      )
-    o_ref[:, pl.ds(j * w, w)] = acc
+  accs = jax.lax.fori_loop(*_split_range(n_steps, split_k), step, init)
+  _store(o_ref, accs, scale_ref, scale_format, per_step, w)
 
 
 def _gemv_kernel(x_ref, *refs, pw_meta, has_zero):
@@ -92,42 +107,24 @@ def _gemv_kernel(x_ref, *refs, pw_meta, has_zero):
   float32 accumulator of x_k * w_kn (scaled per step), summed over k once
   at the end, so the loop body is loads, unpacking and FMAs only."""
   fmt, scale_format, k_step, tile_n, per_step, n_steps, split_k = pw_meta
-  bits = fmt.bits
-  planes, rest = refs[:bits], refs[bits:]
-  scale_ref = rest[0]
-  zero_ref = rest[1] if has_zero else None
-  o_ref = rest[-1]
+  planes, scale_ref, zero_ref, (o_ref,) = tile.split_refs(
+    refs, fmt.bits, has_zero
+  )
   w = tile_n // tile.SLOTS
 
   def step(s, accs):
-    k0 = pl.multiple_of(s * k_step, k_step)
-    xt = x_ref[:, pl.ds(k0, k_step)].astype(jnp.float32).T  # [ks, 1]
-    bytes_ = [p[pl.ds(k0, k_step), :].astype(jnp.int32) for p in planes]
-    row = s if per_step else 0
+    xk = x_ref[:, pl.ds(pl.multiple_of(s * k_step, k_step), k_step)]
+    xt = xk.astype(jnp.float32).T  # [ks, 1]
     out = []
-    for j in range(tile.SLOTS):
-      cols = pl.ds(j * w, w)
-      zero = zero_ref[pl.ds(row, 1), cols] if zero_ref is not None else None
-      values = tile.slot_values(bytes_, j, fmt, zero)
-      if per_step:
-        values = values * decode.decode_scale(
-          scale_ref[pl.ds(row, 1), cols], scale_format
-        )
-      out.append(accs[j] + xt * values)
+    slots = _step_slots(s, planes, scale_ref, zero_ref, pw_meta)
+    for acc, (values, scale) in zip(accs, slots, strict=True):
+      out.append(acc + xt * (values if scale is None else values * scale))
     return tuple(out)
 
   init = tuple(jnp.zeros((k_step, w), jnp.float32) for _ in range(tile.SLOTS))
-  per_split = -(-n_steps // split_k)
-  lo = pl.program_id(2) * per_split
-  hi = jnp.minimum(lo + per_split, n_steps)
-  accs = jax.lax.fori_loop(lo, hi, step, init)
-  for j in range(tile.SLOTS):
-    acc = jnp.sum(accs[j], axis=0, keepdims=True)  # [1, w]
-    if not per_step:
-      acc = acc * decode.decode_scale(
-        scale_ref[pl.ds(0, 1), pl.ds(j * w, w)], scale_format
-      )
-    o_ref[:, pl.ds(j * w, w)] = acc
+  accs = jax.lax.fori_loop(*_split_range(n_steps, split_k), step, init)
+  sums = [jnp.sum(a, axis=0, keepdims=True) for a in accs]  # [1, w] each
+  _store(o_ref, sums, scale_ref, scale_format, per_step, w)
 
 
 def default_tiles(
@@ -190,12 +187,10 @@ def matmul(
   auto_m, auto_split = default_tiles(x.shape[0], pw, target_programs)
   tile_m = tile_m or auto_m
   split_k = split_k or auto_split
-  m, k = x.shape
+  m = x.shape[0]
   kp, np_ = pw.padded_shape
-  if k != pw.shape[0]:
-    raise ValueError(f"x has K={k}, the weight has K={pw.shape[0]}")
-  mp = -(-m // tile_m) * tile_m
-  x = jnp.pad(x, ((0, mp - m), (0, kp - k)))
+  x = tile.pad_activations(x, pw, tile_m)
+  mp = x.shape[0]
   tn, w = pw.tile_n, pw.tile_n // tile.SLOTS
   has_zero = pw.zero is not None
   s_rows = pw.scale.shape[0]

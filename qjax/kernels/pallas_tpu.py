@@ -27,11 +27,9 @@ _K_STEP = 128  # K rows per grid step: the lane width of the x tile
 
 def _kernel(x_ref, *refs, meta, has_zero):
   fmt, scale_format, per_step, block = meta
-  bits = fmt.bits
-  planes, rest = refs[:bits], refs[bits:]
-  scale_ref = rest[0]
-  zero_ref = rest[1] if has_zero else None
-  o_ref, acc_ref = rest[-2], rest[-1]
+  planes, scale_ref, zero_ref, (o_ref, acc_ref) = tile.split_refs(
+    refs, fmt.bits, has_zero
+  )
   w = acc_ref.shape[1] // tile.SLOTS
   s = pl.program_id(2)
 
@@ -80,12 +78,10 @@ def matmul(
   interpret: bool = False,
 ) -> jax.Array:
   """x [M, K] @ pw -> float32 [M, N] (tensor scale applied, not cast)."""
-  m, k = x.shape
+  m = x.shape[0]
   kp, np_ = pw.padded_shape
-  if k != pw.shape[0]:
-    raise ValueError(f"x has K={k}, the weight has K={pw.shape[0]}")
-  mp = -(-m // tile_m) * tile_m
-  x = jnp.pad(x, ((0, mp - m), (0, kp - k)))
+  x = tile.pad_activations(x, pw, tile_m)
+  mp = x.shape[0]
   tn, block = pw.tile_n, pw.k_step
   ks = max(block, _K_STEP) if pw.scale_per_step else block
   if kp % ks:

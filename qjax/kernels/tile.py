@@ -56,3 +56,23 @@ def dot(x: jax.Array, w: jax.Array) -> jax.Array:
     precision=precision,
     preferred_element_type=jnp.float32,
   )
+
+
+def pad_activations(x: jax.Array, pw, tile_m: int) -> jax.Array:
+  """x [M, K] -> [Mp, Kp] zero-padded to tile_m rows and the weight's Kp.
+
+  Raises ValueError when x's K is not the weight's.
+  """
+  m, k = x.shape
+  if k != pw.shape[0]:
+    raise ValueError(f"x has K={k}, the weight has K={pw.shape[0]}")
+  kp = pw.padded_shape[0]
+  mp = -(-m // tile_m) * tile_m
+  return jnp.pad(x, ((0, mp - m), (0, kp - k)))
+
+
+def split_refs(refs, bits: int, has_zero: bool):
+  """Kernel refs after x -> (planes, scale_ref, zero_ref or None, rest)."""
+  planes, rest = refs[:bits], refs[bits:]
+  zero_ref = rest[1] if has_zero else None
+  return planes, rest[0], zero_ref, rest[1 + has_zero :]

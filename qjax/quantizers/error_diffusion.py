@@ -41,7 +41,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from qjax import qtensor
 from qjax.formats import exmy, packing
@@ -193,16 +192,5 @@ def gpfq(w, g, c, fmt, scaling: Scaling) -> qtensor.QTensor:
       f"gpfq blocks run along the input axis 0; got {scaling.axes}"
     )
   scaling.block_shape(w.shape)
-  packed, stored, zero, tensor_scale = _gpfq(
-    w, g, c, rtn._saturating(fmt), scaling
-  )
-  return qtensor.QTensor(
-    packed,
-    stored,
-    zero,
-    tensor_scale,
-    fmt,
-    scaling,
-    tuple(w.shape),
-    np.dtype(w.dtype),
-  )
+  parts = _gpfq(w, g, c, rtn._saturating(fmt), scaling)
+  return qtensor.from_parts(parts, fmt, scaling, w)

@@ -28,7 +28,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from qjax import qtensor
 from qjax.formats import exmy, packing
@@ -221,14 +220,5 @@ def gptq(
       "the damped Hessian is not positive definite; raise "
       "damp or check the calibration data"
     )
-  qt = qtensor.QTensor(
-    packed,
-    stored,
-    zero,
-    tensor_scale,
-    fmt,
-    scaling,
-    tuple(w.shape),
-    np.dtype(w.dtype),
-  )
+  qt = qtensor.from_parts((packed, stored, zero, tensor_scale), fmt, scaling, w)
   return qt, info

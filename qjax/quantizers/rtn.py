@@ -21,7 +21,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from qjax import qtensor
 from qjax.formats import exmy, integer, packing, presets
@@ -272,7 +271,7 @@ def rtn(
     raise ValueError("rounding='stochastic' needs an explicit jax.random key")
   scaling.block_shape(w.shape)  # raises on a block that does not divide
   x = _auto_axes(exmy.as_float32(w, "w"))
-  packed, stored, zero, tensor_scale = _rtn(
+  parts = _rtn(
     x,
     _saturating(fmt),
     scaling,
@@ -281,13 +280,4 @@ def rtn(
     key,
     float(shrink),
   )
-  return qtensor.QTensor(
-    packed,
-    stored,
-    zero,
-    tensor_scale,
-    fmt,
-    scaling,
-    tuple(w.shape),
-    np.dtype(w.dtype),
-  )
+  return qtensor.from_parts(parts, fmt, scaling, w)
