@@ -25,6 +25,7 @@ def row_label(r: dict) -> str:
 
 def table(rows: list[dict]) -> tuple[str, dict]:
   formats = list(dict.fromkeys(r["format"] for r in rows))
+  digits = ".5f" if rows and rows[0].get("quality") == "cosine_mean" else ".4g"
   cells = {
     (row_label(r), r["format"]): float(r["quantized_quality"]) for r in rows
   }
@@ -39,7 +40,7 @@ def table(rows: list[dict]) -> tuple[str, dict]:
     values = [cells.get((label, f)) for f in formats]
     lines.append(
       f"| {label} | "
-      + " | ".join("not run" if v is None else f"{v:.4g}" for v in values)
+      + " | ".join("not run" if v is None else f"{v:{digits}}" for v in values)
       + " |"
     )
   lines.append(

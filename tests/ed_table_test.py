@@ -29,10 +29,10 @@ class EDTableTest(absltest.TestCase):
     self.assertEqual(cells["ed", "mxfp4"], 0.98)
     lines = text.splitlines()
     self.assertEqual(lines[0], "| method | mxfp4 | nvfp4 |")
-    self.assertIn("| ed | 0.98 | not run |", lines)
+    self.assertIn("| ed | 0.98000 | not run |", lines)
     self.assertLess(
-      lines.index("| rtn | 0.95 | 0.96 |"),
-      lines.index("| ed | 0.98 | not run |"),
+      lines.index("| rtn | 0.95000 | 0.96000 |"),
+      lines.index("| ed | 0.98000 | not run |"),
     )
 
 
