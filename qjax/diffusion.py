@@ -164,6 +164,10 @@ def quantize_diffused(
       rule = recipe.rules[index]
       if rule.method == "skip":
         continue
+      # NaN/Inf weights are named here, before they poison both streams.
+      w = api._check_finite(
+        path, jnp.asarray(_get(p_float, f"{layer}/kernel")), rule.nan_policy
+      )
       g = c = mx = mxq = 0.0
       rows = 0.0
       for cf, cq in zip(calls_f, calls_q, strict=True):
@@ -177,7 +181,6 @@ def quantize_diffused(
           mxq + s[3],
           rows + s[4],
         )
-      w = _get(p_float, f"{layer}/kernel")
       try:
         qt, bias = _quantize_layer(
           rule,

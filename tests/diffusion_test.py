@@ -231,6 +231,14 @@ class BadInputTest(absltest.TestCase):
     ):
       qjax.quantize(params, recipe)
 
+  def test_nan_weight_names_the_parameter(self):
+    params, model, calib, _ = _mlp(0)
+    kernel = params["b1"]["fc"]["kernel"].at[3, 4].set(jnp.nan)
+    params = {**params, "b1": {"fc": {**params["b1"]["fc"], "kernel": kernel}}}
+    recipe = qjax.Recipe([qjax.rule("fc/kernel", "mxfp4", method="ed")])
+    with self.assertRaisesRegex(ValueError, "b1/fc/kernel.*1 NaN"):
+      qjax.quantize(params, recipe, calib=(model, [calib]))
+
   def test_unknown_adjust(self):
     with self.assertRaisesRegex(ValueError, "unknown adjust 'lsq'"):
       ed.adjust(jnp.ones((4, 2)), jnp.eye(4), jnp.eye(4), "lsq")
