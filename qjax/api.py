@@ -110,24 +110,17 @@ def quantize(
   bar = tqdm(leaves, desc="quantize", disable=not progress, leave=False)
   for i, (p, w) in enumerate(bar):
     path = path_str(p)
-    index, _ = recipe.match(path, np.ndim(w))
-    if index is None:
-      out.append(w)
-      continue
-    used.add(index)
-    r = recipe.rules[index]
-    w = _check_finite(path, jnp.asarray(w), r.nan_policy)
-    kwargs = dict(r.options)
-    if kwargs.get("rounding") == "stochastic":
-      if key is None:
-        raise ValueError(f"{path!r}: stochastic rounding needs quantize(key=)")
-      kwargs["key"] = jax.random.fold_in(key, i)
-    try:
-      h = None if hessians is None else hessians.get(path)
-      gram = None if grams is None else grams.get(path)
-      out.append(_apply_rule(r, w, h, gram, kwargs))
-    except (ValueError, TypeError) as e:
-      raise type(e)(f"parameter {path!r}: {e}") from e
+    leaf, index = quantize_leaf(
+      path,
+      w,
+      recipe,
+      key=None if key is None else jax.random.fold_in(key, i),
+      hessian=None if hessians is None else hessians.get(path),
+      gram=None if grams is None else grams.get(path),
+    )
+    if index is not None:
+      used.add(index)
+    out.append(leaf)
   unused = [
     f"{i}: {r.pattern!r}"
     for i, r in enumerate(recipe.rules)
@@ -138,6 +131,29 @@ def quantize(
       f"recipe rules matched no parameter: {', '.join(unused)}", stacklevel=2
     )
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def quantize_leaf(
+  path: str, w, recipe: Recipe, *, key=None, hessian=None, gram=None
+):
+  """One leaf of `quantize`: returns (leaf or QTensor, index of the rule
+  that matched or None). `key` is this leaf's own key (quantize folds in the
+  leaf's position); conversion programs call this to stream leaf by leaf.
+  """
+  index, _ = recipe.match(path, np.ndim(w))
+  if index is None:
+    return w, None
+  r = recipe.rules[index]
+  w = _check_finite(path, jnp.asarray(w), r.nan_policy)
+  kwargs = dict(r.options)
+  if kwargs.get("rounding") == "stochastic":
+    if key is None:
+      raise ValueError(f"{path!r}: stochastic rounding needs quantize(key=)")
+    kwargs["key"] = key
+  try:
+    return _apply_rule(r, w, hessian, gram, kwargs), index
+  except (ValueError, TypeError) as e:
+    raise type(e)(f"parameter {path!r}: {e}") from e
 
 
 def _pop_prefixed(kwargs, prefix):

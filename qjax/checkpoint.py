@@ -1,41 +1,73 @@
 """Save and restore quantized trees with orbax.
 
 A checkpoint directory holds
-  arrays/     an orbax StandardCheckpointer tree: packed uint8 codes, scales,
-              zero points, tensor scales and unquantized leaves.
+  arrays/partNNNNN/  orbax StandardCheckpointer trees: packed uint8 codes,
+              scales, zero points, tensor scales and unquantized leaves,
+              split into parts of about `max_part_bytes` so a writer never
+              holds more than one part in memory (qjax.convert streams
+              through `Writer`).
   qjax.json   the version, the recipe (if given), the tree's paths, each
-              QTensor's static metadata and a SHA-256 of every array.
-Both are written into `<path>.partial-*` and renamed into place last, so an
-interrupted save leaves no directory at `path`. `restore` needs no recipe: it
-rebuilds QTensors from qjax.json, and a missing file, a changed array or a
-wrong shape is a ValueError naming the leaf, never wrong numbers.
-Trees come back as nested dicts keyed by path component.
+              QTensor's static metadata, each array's part, partition spec
+              and a SHA-256 of its global value.
+Everything is written into `<path>.partial` and renamed into place last, so
+an interrupted save leaves no directory at `path`; the next save to the same
+path removes the leftover. `restore` needs no recipe: it rebuilds QTensors
+from qjax.json, and a missing file, a changed array or a wrong shape is a
+ValueError naming the leaf, never wrong numbers.
+
+Multi-process (jax.distributed): every process calls `Writer.add` with the
+same global jax.Arrays in the same order; orbax writes each process's shards
+and process 0 writes qjax.json and commits. Trees come back as nested dicts
+keyed by path component.
 """
 
 import hashlib
 import json
+import math
 import os
 import pathlib
 import shutil
-import uuid
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from qjax import __version__, api, qtensor
 from qjax.formats import serialize
 from qjax.formats.scaling import Scaling
 from qjax.transforms import residual
 
-FORMAT_VERSION = 1
+# 2: arrays in parts with partition specs; 1: one arrays/ tree (still read).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+DEFAULT_PART_BYTES = 256 << 20
 _FIELDS = ("codes", "scale", "zero", "tensor_scale")
+
+
+def host_value(x) -> np.ndarray:
+  """The global value of `x` on this host (gathered across processes when
+  `x` is a jax.Array with shards on other processes)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
 
 
 def _digest(x) -> str:
   return hashlib.sha256(
-    np.ascontiguousarray(np.asarray(x)).tobytes()
+    np.ascontiguousarray(host_value(x)).tobytes()
   ).hexdigest()
+
+
+def _spec(x) -> list | None:
+  sharding = getattr(x, "sharding", None)
+  if not isinstance(sharding, NamedSharding):
+    return None
+  return [
+    list(a) if isinstance(a, tuple) else a
+    for a in tuple(sharding.spec) + (None,) * (np.ndim(x) - len(sharding.spec))
+  ]
 
 
 def _array_meta(x) -> dict:
@@ -43,6 +75,7 @@ def _array_meta(x) -> dict:
     "shape": list(np.shape(x)),
     "dtype": str(np.dtype(x.dtype)),
     "sha256": _digest(x),
+    "spec": _spec(x),
   }
 
 
@@ -74,71 +107,165 @@ def _qtensor_from(meta, got, prefix="") -> qtensor.QTensor:
   return leaf
 
 
-def save(path, qtree, *, recipe=None) -> None:
-  """Writes `qtree` (QTensor, residual Expansion and array leaves) to the
-  directory `path`.
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _leaf_entry(p, leaf) -> tuple[dict, dict]:
+  """(manifest entry without name/part, {array name: array})."""
+  entry = {"path": [api.path_str([k]) for k in p]}
+  if qtensor.is_qtensor(leaf):
+    group = _qtensor_arrays(leaf)
+    entry.update(kind="qtensor", **_qtensor_meta(leaf))
+  elif isinstance(leaf, residual.Expansion):
+    group = {}
+    for k, (t, keep) in enumerate(zip(leaf.terms, leaf.keep, strict=True)):
+      group.update({f"t{k}_{f}": x for f, x in _qtensor_arrays(t).items()})
+      if keep is not None:
+        group[f"t{k}_keep"] = keep
+    entry.update(
+      kind="expansion",
+      shape=list(leaf.shape),
+      dtype=str(np.dtype(leaf.dtype)),
+      terms=[_qtensor_meta(t) for t in leaf.terms],
+    )
+  elif isinstance(leaf, qtensor.CompositeLeaf):
+    raise ValueError(
+      f"parameter {api.path_str(p)!r}: cannot save a {type(leaf).__name__} leaf"
+    )
+  else:
+    group = {"value": leaf}
+    entry.update(kind="array")
+  entry["arrays"] = {f: _array_meta(x) for f, x in group.items()}
+  return entry, group
+
+
+class Writer:
+  """Writes a checkpoint leaf by leaf; a context manager that commits on
+  success and removes its partial directory on any exception.
+
+    with checkpoint.Writer(path, recipe=recipe) as w:
+      for p, leaf in leaves:        # p: a jax tree path (tuple of keys)
+        w.add(p, leaf)
+
+  Leaves are buffered until about `max_part_bytes` and written as one orbax
+  part, so the writer holds at most one part. Multi-process: all processes
+  construct the Writer and call `add` identically (collective).
 
   Raises:
     FileExistsError: `path` exists already.
   """
-  path = pathlib.Path(path).absolute()
-  if path.exists():
-    raise FileExistsError(f"{path} exists; remove it or pick another path")
+
+  def __init__(
+    self,
+    path,
+    *,
+    recipe=None,
+    extra: dict | None = None,
+    max_part_bytes: int = DEFAULT_PART_BYTES,
+  ):
+    self.path = pathlib.Path(path).absolute()
+    if self.path.exists():
+      raise FileExistsError(
+        f"{self.path} exists; remove it or pick another path"
+      )
+    # One name all processes agree on without communicating; a leftover of
+    # an interrupted run is incomplete by construction and is replaced.
+    self.tmp = self.path.with_name(self.path.name + ".partial")
+    self.recipe = recipe
+    self.extra = dict(extra or {})
+    self.max_part_bytes = max_part_bytes
+    self._entries: list[dict] = []
+    self._pending: dict = {}
+    self._pending_bytes = 0
+    self._parts = 0
+    self._checkpointer = None
+
+  def __enter__(self):
+    if jax.process_index() == 0:
+      if self.tmp.exists():
+        shutil.rmtree(self.tmp)
+      (self.tmp / "arrays").mkdir(parents=True)
+    _barrier("qjax_writer_start")
+    self._checkpointer = ocp.StandardCheckpointer()
+    return self
+
+  def add(self, p, leaf) -> None:
+    entry, group = _leaf_entry(p, leaf)
+    entry["name"] = f"leaf{len(self._entries):05d}"
+    entry["part"] = f"arrays/part{self._parts:05d}"
+    self._entries.append(entry)
+    self._pending[entry["name"]] = group
+    self._pending_bytes += sum(x.nbytes for x in group.values())
+    if self._pending_bytes >= self.max_part_bytes:
+      self._flush()
+
+  def _flush(self) -> None:
+    if not self._pending:
+      return
+    self._checkpointer.save(
+      self.tmp / "arrays" / f"part{self._parts:05d}", self._pending
+    )
+    self._checkpointer.wait_until_finished()
+    self._pending, self._pending_bytes = {}, 0
+    self._parts += 1
+
+  def commit(self) -> None:
+    self._flush()
+    self._checkpointer.close()
+    _barrier("qjax_writer_arrays_done")
+    if jax.process_index() == 0:
+      doc = {
+        "qjax_version": __version__,
+        "format_version": FORMAT_VERSION,
+        "recipe": None if self.recipe is None else repr(self.recipe),
+        **self.extra,
+        "leaves": self._entries,
+      }
+      _write_manifest(self.tmp, doc)
+      os.rename(self.tmp, self.path)  # the commit point
+    _barrier("qjax_writer_committed")
+
+  def __exit__(self, kind, value, traceback):
+    if kind is None:
+      try:
+        self.commit()
+      except BaseException:
+        self._abort()
+        raise
+      return False
+    self._abort()
+    return False
+
+  def _abort(self) -> None:
+    if self._checkpointer is not None:
+      self._checkpointer.close()
+    if jax.process_index() == 0:
+      shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def save(
+  path, qtree, *, recipe=None, max_part_bytes: int = DEFAULT_PART_BYTES
+) -> None:
+  """Writes `qtree` (QTensor, residual Expansion and array leaves) to the
+  directory `path` (see `Writer`).
+
+  Raises:
+    FileExistsError: `path` exists already.
+  """
   leaves = jax.tree_util.tree_leaves_with_path(
     qtree, is_leaf=qtensor.is_quantized
   )
-  arrays, meta = {}, []
-  for i, (p, leaf) in enumerate(leaves):
-    name = f"leaf{i:05d}"
-    entry = {"path": [api.path_str([k]) for k in p], "name": name}
-    if qtensor.is_qtensor(leaf):
-      group = _qtensor_arrays(leaf)
-      entry.update(kind="qtensor", **_qtensor_meta(leaf))
-      entry["arrays"] = {f: _array_meta(x) for f, x in group.items()}
-      arrays[name] = group
-    elif isinstance(leaf, residual.Expansion):
-      group = {}
-      for k, (t, keep) in enumerate(zip(leaf.terms, leaf.keep, strict=True)):
-        group.update({f"t{k}_{f}": x for f, x in _qtensor_arrays(t).items()})
-        if keep is not None:
-          group[f"t{k}_keep"] = keep
-      entry.update(
-        kind="expansion",
-        shape=list(leaf.shape),
-        dtype=str(np.dtype(leaf.dtype)),
-        terms=[_qtensor_meta(t) for t in leaf.terms],
-        arrays={f: _array_meta(x) for f, x in group.items()},
-      )
-      arrays[name] = group
-    elif isinstance(leaf, qtensor.CompositeLeaf):
-      raise ValueError(
-        f"parameter {api.path_str(p)!r}: cannot save a "
-        f"{type(leaf).__name__} leaf"
-      )
-    else:
-      entry.update(kind="array", arrays={"value": _array_meta(leaf)})
-      arrays[name] = {"value": leaf}
-    meta.append(entry)
-  tmp = path.with_name(f"{path.name}.partial-{uuid.uuid4().hex[:8]}")
-  try:
-    with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(tmp / "arrays", arrays)
-      checkpointer.wait_until_finished()
-    doc = {
-      "qjax_version": __version__,
-      "format_version": FORMAT_VERSION,
-      "recipe": None if recipe is None else repr(recipe),
-      "leaves": meta,
-    }
-    _write_manifest(tmp, doc)
-    os.rename(tmp, path)  # the commit point
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  with Writer(path, recipe=recipe, max_part_bytes=max_part_bytes) as w:
+    for p, leaf in leaves:
+      w.add(p, leaf)
 
 
 def _write_manifest(directory: pathlib.Path, doc: dict) -> None:
-  (directory / "qjax.json").write_text(json.dumps(doc, indent=1))
+  tmp = directory / "qjax.json.tmp"
+  tmp.write_text(json.dumps(doc, indent=1))
+  os.rename(tmp, directory / "qjax.json")
 
 
 def load_metadata(path) -> dict:
@@ -150,16 +277,64 @@ def load_metadata(path) -> dict:
     doc = json.loads(meta_file.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f"{meta_file} is corrupt: {e}") from e
-  if doc.get("format_version") != FORMAT_VERSION:
+  if doc.get("format_version") not in READABLE_VERSIONS:
     raise ValueError(
-      f"{path}: checkpoint format {doc.get('format_version')} is not "
-      f"{FORMAT_VERSION} (written by qjax {doc.get('qjax_version')})"
+      f"{path}: checkpoint format {doc.get('format_version')} is not one of "
+      f"{READABLE_VERSIONS} (written by qjax {doc.get('qjax_version')})"
     )
   return doc
 
 
-def restore(path):
-  """Reads a checkpoint written by `save`; returns nested dicts of leaves.
+def _sharding(a: dict, mesh) -> jax.sharding.Sharding:
+  """The saved partition spec on `mesh`, keeping only the axes that exist
+  there and divide the dimension; replicated on one local device without a
+  mesh."""
+  if mesh is None:
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  spec = list(a.get("spec") or [])
+  spec += [None] * (len(a["shape"]) - len(spec))
+  axes = []
+  for dim, entry in zip(a["shape"], spec, strict=True):
+    names = (
+      [] if entry is None else [entry] if isinstance(entry, str) else entry
+    )
+    size = math.prod(mesh.shape.get(n, 0) for n in names)
+    fits = names and all(n in mesh.shape for n in names) and dim % size == 0
+    axes.append(
+      (names[0] if len(names) == 1 else tuple(names)) if fits else None
+    )
+  return NamedSharding(mesh, PartitionSpec(*axes))
+
+
+def _build_leaf(e: dict, got: dict):
+  if e["kind"] == "qtensor":
+    return _qtensor_from(e, got)
+  if e["kind"] == "expansion":
+    n = len(e["terms"])
+    leaf = residual.Expansion(
+      tuple(_qtensor_from(t, got, f"t{k}_") for k, t in enumerate(e["terms"])),
+      tuple(got.get(f"t{k}_keep") for k in range(n)),
+      tuple(e["shape"]),
+      np.dtype(e["dtype"]),
+    )
+    leaf.validate()
+    return leaf
+  return got["value"]
+
+
+def iter_leaves(path, *, mesh=None, shardings=None, verify: bool = True):
+  """Yields (path components, leaf) part by part, holding one part at a
+  time (what `restore` and qjax.convert's dequantize use).
+
+  Args:
+    path: a checkpoint directory written by `save` or `Writer`.
+    mesh: restore each array with the partition spec it was saved with,
+      restricted to the axes `mesh` has and that divide the dimension
+      (others replicated). Default: one local device.
+    shardings: callable (leaf path str, array name, shape) -> Sharding,
+      overriding `mesh`.
+    verify: compare every array with its SHA-256 (gathers sharded arrays
+      one at a time).
 
   Raises:
     ValueError: the checkpoint is incomplete, truncated or edited (names the
@@ -167,47 +342,64 @@ def restore(path):
   """
   path = pathlib.Path(path).absolute()
   doc = load_metadata(path)
-  target = {
-    e["name"]: {
-      f: jax.ShapeDtypeStruct(tuple(a["shape"]), np.dtype(a["dtype"]))
-      for f, a in e["arrays"].items()
-    }
-    for e in doc["leaves"]
-  }
-  try:
-    arrays = ocp.StandardCheckpointer().restore(path / "arrays", target)
-  except Exception as e:  # orbax raises many types for damaged files
-    raise ValueError(
-      f"{path}: cannot read the arrays ({type(e).__name__}: {e})"
-    ) from e
-  tree = {}
+  parts: dict[str, list] = {}
   for e in doc["leaves"]:
-    where = "/".join(e["path"])
-    got = arrays[e["name"]]
-    for f, a in e["arrays"].items():
-      x = got[f]
-      if list(np.shape(x)) != a["shape"] or _digest(x) != a["sha256"]:
-        raise ValueError(
-          f"{path}: leaf {where!r} array {f!r} does not match "
-          "its checksum: the checkpoint is corrupt"
+    parts.setdefault(e.get("part", "arrays"), []).append(e)
+  checkpointer = ocp.StandardCheckpointer()
+  for part, entries in parts.items():
+    target = {}
+    for e in entries:
+      where = "/".join(e["path"])
+      target[e["name"]] = {
+        f: jax.ShapeDtypeStruct(
+          tuple(a["shape"]),
+          np.dtype(a["dtype"]),
+          sharding=(
+            shardings(where, f, tuple(a["shape"]))
+            if shardings is not None
+            else _sharding(a, mesh)
+          ),
         )
-    if e["kind"] == "qtensor":
-      leaf = _qtensor_from(e, got)
-    elif e["kind"] == "expansion":
-      n = len(e["terms"])
-      leaf = residual.Expansion(
-        tuple(
-          _qtensor_from(t, got, f"t{k}_") for k, t in enumerate(e["terms"])
-        ),
-        tuple(got.get(f"t{k}_keep") for k in range(n)),
-        tuple(e["shape"]),
-        np.dtype(e["dtype"]),
-      )
-      leaf.validate()
-    else:
-      leaf = got["value"]
+        for f, a in e["arrays"].items()
+      }
+    try:
+      arrays = checkpointer.restore(path / part, target)
+    except Exception as e:  # orbax raises many types for damaged files
+      names = ", ".join(repr("/".join(x["path"])) for x in entries[:3])
+      raise ValueError(
+        f"{path}: cannot read {part} (leaves {names}...): "
+        f"{type(e).__name__}: {e}"
+      ) from e
+    for e in entries:
+      where = "/".join(e["path"])
+      got = arrays[e["name"]]
+      for f, a in e["arrays"].items():
+        x = got[f]
+        if list(np.shape(x)) != a["shape"] or (
+          verify and _digest(x) != a["sha256"]
+        ):
+          raise ValueError(
+            f"{path}: leaf {where!r} array {f!r} does not match "
+            "its checksum: the checkpoint is corrupt"
+          )
+      yield e["path"], _build_leaf(e, got)
+
+
+def restore(path, *, mesh=None, shardings=None, verify: bool = True):
+  """Reads a checkpoint written by `save`; returns nested dicts of leaves.
+
+  Args: as `iter_leaves`.
+
+  Raises:
+    ValueError: the checkpoint is incomplete, truncated or edited (names the
+      leaf and array).
+  """
+  tree = {}
+  for keys, leaf in iter_leaves(
+    path, mesh=mesh, shardings=shardings, verify=verify
+  ):
     node = tree
-    for k in e["path"][:-1]:
+    for k in keys[:-1]:
       node = node.setdefault(k, {})
-    node[e["path"][-1]] = leaf
+    node[keys[-1]] = leaf
   return tree

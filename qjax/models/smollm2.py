@@ -125,6 +125,33 @@ def _reader():
   return gguf.GGUFReader(str(gguf_path()))
 
 
+_DENSE = {
+  "q": "attn_q",
+  "k": "attn_k",
+  "v": "attn_v",
+  "o": "attn_output",
+  "gate": "ffn_gate",
+  "up": "ffn_up",
+  "down": "ffn_down",
+}
+
+
+def gguf_names(layers: int | None = None) -> dict[str, tuple[str, bool]]:
+  """Flax path -> (tensor name in the GGUF, transpose?)."""
+  n = Config().layers if layers is None else layers
+  names = {
+    "embed/embedding": ("token_embd.weight", False),
+    "final_norm/scale": ("output_norm.weight", False),
+  }
+  for i in range(n):
+    f = f"layer_{i}/"
+    for key, g in _DENSE.items():
+      names[f"{f}{key}/kernel"] = (f"blk.{i}.{g}.weight", True)
+    names[f + "attn_norm/scale"] = (f"blk.{i}.attn_norm.weight", False)
+    names[f + "ffn_norm/scale"] = (f"blk.{i}.ffn_norm.weight", False)
+  return names
+
+
 def load_params(layers: int | None = None) -> dict:
   """Float32 parameters (dequantized from the GGUF) as a Flax tree.
 
@@ -142,28 +169,13 @@ def load_params(layers: int | None = None) -> dict:
     t = tensors[name]
     return np.asarray(dequantize(t.data, t.tensor_type), np.float32)
 
-  n = Config().layers if layers is None else layers
-  params = {
-    "embed": {"embedding": get("token_embd.weight")},
-    "final_norm": {"scale": get("output_norm.weight")},
-  }
-  names = {
-    "q": "attn_q",
-    "k": "attn_k",
-    "v": "attn_v",
-    "o": "attn_output",
-    "gate": "ffn_gate",
-    "up": "ffn_up",
-    "down": "ffn_down",
-  }
-  for i in range(n):
-    layer = {
-      key: {"kernel": get(f"blk.{i}.{g}.weight").T.copy()}
-      for key, g in names.items()
-    }
-    layer["attn_norm"] = {"scale": get(f"blk.{i}.attn_norm.weight")}
-    layer["ffn_norm"] = {"scale": get(f"blk.{i}.ffn_norm.weight")}
-    params[f"layer_{i}"] = layer
+  params = {}
+  for path, (name, transpose) in gguf_names(layers).items():
+    node = params
+    *parents, last = path.split("/")
+    for k in parents:
+      node = node.setdefault(k, {})
+    node[last] = get(name).T.copy() if transpose else get(name)
   return jax.tree.map(jnp.asarray, params)
 
 

@@ -1,0 +1,285 @@
+"""Float parameter files read one leaf at a time (what qjax.convert streams).
+
+A source lists its leaves as '/'-joined Flax paths with their shapes, and
+reads one leaf at a time, optionally as a global jax.Array of which this
+process reads only the shards its devices hold:
+
+  OrbaxSource(directory)       an orbax checkpoint of float arrays (partial
+                               restore of one leaf, shards read in place).
+  SafetensorsSource(file)      a .safetensors file (slices read lazily).
+  GGUFSource(file)             a GGUF file (each tensor dequantized with
+                               gguf-py, then sliced).
+
+`names` maps Flax paths to (tensor name, transpose) for files whose layout
+is not Flax's (minilm.safetensors_names, smollm2.gguf_names); without it a
+tensor 'a.b.weight' becomes the leaf 'a/b/weight', untransposed.
+A damaged file is a ValueError naming the file and, once reading, the leaf.
+"""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class Source:
+  """Base class: `specs` and `read`."""
+
+  file: pathlib.Path
+
+  def specs(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """Leaf path -> shape and dtype, in a fixed (sorted) order."""
+    raise NotImplementedError
+
+  def read(self, path: str, sharding=None) -> jax.Array:
+    """One leaf; with `sharding`, a global array built from this process's
+    shards only."""
+    spec = self.specs().get(path)
+    if spec is None:
+      raise KeyError(f"{self.file}: no leaf {path!r}")
+    try:
+      return self._read(path, spec, sharding)
+    except Exception as e:  # readers raise many types for damaged files
+      raise ValueError(
+        f"{self.file}: cannot read leaf {path!r} "
+        f"({type(e).__name__}: {e}); the file is truncated or corrupt"
+      ) from e
+
+  def _read(self, path, spec, sharding):
+    raise NotImplementedError
+
+
+def _from_host(spec, sharding, get_slice):
+  """A global array from get_slice(index) -> np.ndarray (index: a tuple of
+  slices into the leaf); without a sharding, the whole leaf."""
+  if sharding is None:
+    return jnp.asarray(get_slice(tuple(slice(None) for _ in spec.shape)))
+  return jax.make_array_from_callback(spec.shape, sharding, get_slice)
+
+
+class _NamedTensors(Source):
+  """Shared by files of named tensors (safetensors, GGUF)."""
+
+  def __init__(self, file, names):
+    self.file = pathlib.Path(file)
+    if not self.file.is_file():
+      raise FileNotFoundError(f"{self.file}: no such file")
+    shapes = self._tensor_shapes()
+    if names is None:
+      names = {k.replace(".", "/"): (k, False) for k in shapes}
+    missing = sorted(n for n, _ in names.values() if n not in shapes)
+    if missing:
+      raise ValueError(
+        f"{self.file} lacks tensors {missing[:5]} of the requested layout"
+      )
+    self.names = dict(sorted(names.items()))
+    self._specs = {}
+    for path, (name, transpose) in self.names.items():
+      shape, dtype = shapes[name]
+      self._specs[path] = jax.ShapeDtypeStruct(
+        tuple(reversed(shape)) if transpose else tuple(shape), dtype
+      )
+
+  def specs(self):
+    return self._specs
+
+  def _read(self, path, spec, sharding):
+    name, transpose = self.names[path]
+    get = self._slicer(name)
+
+    def get_slice(index):
+      if transpose:
+        return np.ascontiguousarray(get(tuple(reversed(index))).T)
+      return np.asarray(get(index))
+
+    return _from_host(spec, sharding, get_slice)
+
+
+class SafetensorsSource(_NamedTensors):
+  def __init__(self, file, names=None):
+    from safetensors import safe_open
+
+    try:
+      self._handle = safe_open(str(file), framework="numpy")
+    except Exception as e:
+      raise ValueError(
+        f"{file}: not a readable safetensors file ({type(e).__name__}: {e})"
+      ) from e
+    super().__init__(file, names)
+
+  def _tensor_shapes(self):
+    out = {}
+    for k in self._handle.keys():
+      s = self._handle.get_slice(k)
+      out[k] = (tuple(s.get_shape()), _safetensors_dtype(s.get_dtype()))
+    return out
+
+  def _slicer(self, name):
+    s = self._handle.get_slice(name)
+    return lambda index: s[index]
+
+
+def _safetensors_dtype(name: str) -> np.dtype:
+  import ml_dtypes
+
+  table = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+  }
+  if name not in table:
+    raise ValueError(f"unsupported safetensors dtype {name}")
+  return np.dtype(table[name])
+
+
+class GGUFSource(_NamedTensors):
+  """GGUF tensors dequantized to float32 with gguf-py, one at a time."""
+
+  def __init__(self, file, names=None):
+    import gguf
+
+    try:
+      reader = gguf.GGUFReader(str(file))
+      self._tensors = {t.name: t for t in reader.tensors}
+    except Exception as e:
+      raise ValueError(
+        f"{file}: not a readable GGUF file ({type(e).__name__}: {e})"
+      ) from e
+    self._cache = (None, None)
+    super().__init__(file, names)
+
+  def _tensor_shapes(self):
+    # GGUF lists dimensions fastest-first; numpy order is the reverse.
+    return {
+      k: (tuple(int(d) for d in reversed(t.shape)), np.dtype(np.float32))
+      for k, t in self._tensors.items()
+    }
+
+  def _slicer(self, name):
+    from gguf.quants import dequantize
+
+    if self._cache[0] != name:  # one tensor at a time, sliced per shard
+      t = self._tensors[name]
+      full = np.asarray(dequantize(t.data, t.tensor_type), np.float32)
+      expected = self._tensor_shapes()[name][0]
+      if full.shape != expected:
+        raise ValueError(f"tensor {name!r} has {full.shape}, not {expected}")
+      self._cache = (name, full)
+    full = self._cache[1]
+    return lambda index: full[index]
+
+
+class OrbaxSource(Source):
+  """A float orbax checkpoint (e.g. written by save_float)."""
+
+  def __init__(self, directory):
+    self.file = pathlib.Path(directory).absolute()
+    try:
+      tree = ocp.StandardCheckpointer().metadata(self.file).item_metadata.tree
+    except Exception as e:
+      raise ValueError(
+        f"{self.file}: not a readable orbax checkpoint "
+        f"({type(e).__name__}: {e})"
+      ) from e
+    self._specs = {}
+    for p, m in jax.tree_util.tree_leaves_with_path(tree):
+      path = "/".join(str(getattr(k, "key", k)) for k in p)
+      self._specs[path] = jax.ShapeDtypeStruct(tuple(m.shape), m.dtype)
+    self._specs = dict(sorted(self._specs.items()))
+
+  def specs(self):
+    return self._specs
+
+  def _read(self, path, spec, sharding):
+    if sharding is None:
+      sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = node = {}
+    *parents, last = path.split("/")
+    for k in parents:
+      node = node.setdefault(k, {})
+    node[last] = jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=sharding)
+    got = ocp.PyTreeCheckpointer().restore(
+      self.file,
+      args=ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True,
+      ),
+    )
+    for k in path.split("/"):
+      got = got[k]
+    return got
+
+
+def save_float(directory, params) -> None:
+  """Writes a float parameter tree as a plain orbax checkpoint (what
+  OrbaxSource reads). Orbax's commit protocol makes it atomic (a temporary
+  directory renamed when complete); collective under jax.distributed."""
+  directory = pathlib.Path(directory).absolute()
+  if directory.exists():
+    raise FileExistsError(f"{directory} exists; remove it or pick another path")
+  with ocp.StandardCheckpointer() as c:
+    c.save(directory, params)
+    c.wait_until_finished()
+
+
+def open_source(path, layout: str = "auto") -> Source:
+  """A source for `path`: a directory is an orbax checkpoint, *.safetensors
+  and *.gguf files are read with their readers.
+
+  Args:
+    layout: 'raw' (tensor names as paths), 'minilm' or 'smollm2' (the Flax
+      trees of qjax.models), or 'auto' (the model layout when the file is
+      that model's packaged file, else raw).
+  """
+  path = pathlib.Path(path)
+  if layout not in ("auto", "raw", "minilm", "smollm2"):
+    raise ValueError(
+      f"unknown layout {layout!r}; choices: auto, raw, minilm, smollm2"
+    )
+  if path.is_dir():
+    if layout not in ("auto", "raw"):
+      raise ValueError(
+        f"layout {layout!r} applies to safetensors/GGUF files; an orbax "
+        "checkpoint keeps its own paths"
+      )
+    return OrbaxSource(path)
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: no such file or directory")
+  suffix = path.suffix.lower()
+  if layout == "auto":
+    layout = {
+      ".safetensors": "minilm" if "minilm" in str(path).lower() else "raw",
+      ".gguf": "smollm2" if "smollm2" in path.name.lower() else "raw",
+    }.get(suffix, "raw")
+  if suffix == ".safetensors":
+    if layout == "smollm2":
+      raise ValueError("layout 'smollm2' reads a GGUF file")
+    names = None
+    if layout == "minilm":
+      from qjax.models import minilm
+
+      names = minilm.safetensors_names()
+    return SafetensorsSource(path, names)
+  if suffix == ".gguf":
+    if layout == "minilm":
+      raise ValueError("layout 'minilm' reads a safetensors file")
+    names = None
+    if layout == "smollm2":
+      from qjax.models import smollm2
+
+      names = smollm2.gguf_names()
+    return GGUFSource(path, names)
+  raise ValueError(
+    f"{path}: unknown input kind; expected an orbax checkpoint directory, "
+    "a .safetensors or a .gguf file"
+  )
