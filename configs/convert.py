@@ -9,7 +9,8 @@
 Arguments: source (minilm or smollm2 for the packaged files, or a path: an
 orbax checkpoint directory, a .safetensors or a .gguf file), layout (auto,
 raw, minilm, smollm2; see qjax.sources.open_source), part_kb (orbax part
-size; the writer holds at most one part), and the recipe fields of
+size; 0: the largest leaf's size; the writer holds at most one part), and
+the recipe fields of
 configs/common.py. Conversion streams data-free recipes: method rtn
 (default) or pipe, format mxfp4 by default, blocks along the input axis.
 """
@@ -25,7 +26,7 @@ def get_config(arg=None):
       "format": "mxfp4",
       "source": "minilm",
       "layout": "auto",
-      "part_kb": 256 * 1024,
+      "part_kb": 0,
     },
   )
   c = common.base_config("convert", args)

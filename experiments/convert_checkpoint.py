@@ -89,7 +89,10 @@ def run(config, output: str) -> dict:
   recipe = run_lib.recipe_from_config(config)
   source = sources.open_source(source_path(config.source), config.layout)
   return convert.convert(
-    source, recipe, output, max_part_bytes=config.part_kb * 1024
+    source,
+    recipe,
+    output,
+    max_part_bytes=config.part_kb * 1024 if config.part_kb else None,
   )
 
 

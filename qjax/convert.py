@@ -89,7 +89,7 @@ def convert(
   mesh=None,
   spec_fn=default_spec,
   key: jax.Array | None = None,
-  max_part_bytes: int = checkpoint.DEFAULT_PART_BYTES,
+  max_part_bytes: int | None = None,
   progress: bool = True,
 ) -> dict:
   """Quantizes every leaf of `source` with `recipe` into the checkpoint
@@ -103,7 +103,9 @@ def convert(
     mesh: a Mesh with axis 'x'; default every device (default_mesh).
     spec_fn: (shape, number of devices on 'x') -> PartitionSpec per leaf.
     key: for stochastic-rounding rules; leaf i gets fold_in(key, i).
-    max_part_bytes: flush an orbax part after this many buffered bytes.
+    max_part_bytes: flush an orbax part after this many buffered bytes;
+      default the largest float leaf's bytes, so the buffer never holds
+      more than about two leaves.
     progress: a progress bar (on process 0).
 
   Returns:
@@ -121,6 +123,10 @@ def convert(
   mesh = default_mesh() if mesh is None else mesh
   devices = mesh.shape["x"]
   specs = source.specs()
+  if max_part_bytes is None:
+    max_part_bytes = max(
+      math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in specs.values()
+    )
   rows, used = {}, set()
   with checkpoint.Writer(
     out, recipe=recipe, max_part_bytes=max_part_bytes

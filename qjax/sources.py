@@ -43,8 +43,8 @@ class Source:
       return self._read(path, spec, sharding)
     except Exception as e:  # readers raise many types for damaged files
       raise ValueError(
-        f"{self.file}: cannot read leaf {path!r} "
-        f"({type(e).__name__}: {e}); the file is truncated or corrupt"
+        f"{self.file}: cannot read leaf {path!r}; the file is truncated or "
+        f"corrupt ({type(e).__name__}: {e})"
       ) from e
 
   def _read(self, path, spec, sharding):
@@ -94,7 +94,13 @@ class _NamedTensors(Source):
         return np.ascontiguousarray(get(tuple(reversed(index))).T)
       return np.asarray(get(index))
 
-    return _from_host(spec, sharding, get_slice)
+    try:
+      return _from_host(spec, sharding, get_slice)
+    finally:
+      self._release()
+
+  def _release(self):
+    pass
 
 
 class SafetensorsSource(_NamedTensors):
@@ -167,7 +173,7 @@ class GGUFSource(_NamedTensors):
   def _slicer(self, name):
     from gguf.quants import dequantize
 
-    if self._cache[0] != name:  # one tensor at a time, sliced per shard
+    if self._cache[0] != name:  # dequantized once, sliced per shard
       t = self._tensors[name]
       full = np.asarray(dequantize(t.data, t.tensor_type), np.float32)
       expected = self._tensor_shapes()[name][0]
@@ -176,6 +182,9 @@ class GGUFSource(_NamedTensors):
       self._cache = (name, full)
     full = self._cache[1]
     return lambda index: full[index]
+
+  def _release(self):
+    self._cache = (None, None)  # slices are copied into device buffers
 
 
 class OrbaxSource(Source):

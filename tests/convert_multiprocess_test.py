@@ -1,0 +1,128 @@
+"""Conversion under jax.distributed (2 processes x 4 CPU devices, gloo) and
+interrupted by SIGKILL: the program as users run it, in subprocesses."""
+
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl.testing import absltest
+
+import qjax
+from qjax import checkpoint, convert, sources
+from qjax.models import minilm
+from tests import convert_test
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = "configs/convert.py:source=minilm,part_kb={part_kb}"
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _launch(out, *, part_kb, process_id=0, processes=1, port=None):
+  args = [
+    sys.executable,
+    "-m",
+    "experiments.convert_checkpoint",
+    f"--config={CONFIG.format(part_kb=part_kb)}",
+    f"--output={out}",
+    "--local_devices=4",
+  ]
+  if processes > 1:
+    args += [
+      f"--coordinator_address=localhost:{port}",
+      f"--num_processes={processes}",
+      f"--process_id={process_id}",
+    ]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.Popen(
+    args,
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+
+
+class MultiProcessTest(absltest.TestCase):
+  def setUp(self):
+    super().setUp()
+    self.dir = pathlib.Path(tempfile.mkdtemp())
+    self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
+
+  def _single_process(self, out):
+    # This pytest process: one process, 8 devices (conftest.py).
+    return convert.convert(
+      sources.open_source(minilm.safetensors_path()),
+      convert_test.RECIPE,
+      out,
+      progress=False,
+    )
+
+  def test_two_processes_equal_one_bit_for_bit(self):
+    out = self.dir / "two"
+    port = _free_port()
+    procs = [
+      _launch(out, part_kb=2048, process_id=i, processes=2, port=port)
+      for i in range(2)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, log in zip(procs, logs, strict=True):
+      self.assertEqual(p.returncode, 0, log[-3000:])
+    self.assertIn("quantized leaves 36", logs[0])
+    doc = checkpoint.load_metadata(out)
+    self.assertEqual(doc["conversion"]["processes"], 2)
+    self.assertEqual(doc["conversion"]["devices"], 8)
+    # Both processes wrote their shards into the same orbax parts.
+    writers = {d.name for d in (out / "arrays").glob("part*/ocdbt.process_*")}
+    self.assertEqual(writers, {"ocdbt.process_0", "ocdbt.process_1"})
+
+    one = self.dir / "one"
+    self._single_process(one)
+    self.assertEqual(convert_test.digests(out), convert_test.digests(one))
+    convert_test.assert_trees_equal(
+      self, checkpoint.restore(out), checkpoint.restore(one)
+    )
+
+  def test_killed_conversion_leaves_no_checkpoint_and_reruns(self):
+    out = self.dir / "killed"
+    partial = out.with_name(out.name + ".partial")
+    # Small parts: many orbax writes, so the kill lands mid-conversion.
+    proc = _launch(out, part_kb=64)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+      if len(list((partial / "arrays").glob("part*"))) >= 3:
+        break
+      time.sleep(0.05)
+    self.assertIsNone(proc.poll(), "the conversion ended before the kill")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    self.assertTrue(partial.exists())
+    self.assertFalse(out.exists())
+    with self.assertRaisesRegex(ValueError, "not a complete qjax checkpoint"):
+      checkpoint.restore(out)
+    with self.assertRaisesRegex(ValueError, "not a complete qjax checkpoint"):
+      checkpoint.restore(partial)
+
+    # A rerun replaces the leftover and produces the full checkpoint.
+    self._single_process(out)
+    self.assertFalse(partial.exists())
+    convert_test.assert_trees_equal(
+      self,
+      checkpoint.restore(out),
+      qjax.quantize(minilm.load_params(), convert_test.RECIPE),
+    )
+
+
+if __name__ == "__main__":
+  absltest.main()
