@@ -82,17 +82,38 @@ def source_path(source: str) -> str:
 
 
 def run(config, output: str) -> dict:
-  """Converts config.source with the config's recipe into `output`."""
-  from experiments import run_lib
+  """Converts config.source with the config's recipe into `output`.
+
+  Calibrated recipes (gptq, magr+*) need a model qjax knows (the source
+  minilm or smollm2, or layout=minilm/smollm2): its calibration text and
+  block structure come from experiments.tasks.
+  """
+  from experiments import run_lib, tasks
   from qjax import convert, sources
 
   recipe = run_lib.recipe_from_config(config)
   source = sources.open_source(source_path(config.source), config.layout)
-  return convert.convert(
+  part = config.part_kb * 1024 if config.part_kb else None
+  if not recipe.needs_calibration:
+    return convert.convert(source, recipe, output, max_part_bytes=part)
+  model = next(
+    (m for m in ("minilm", "smollm2") if m in (config.source, config.layout)),
+    None,
+  )
+  if model is None:
+    raise ValueError(
+      f"method {config.method!r} needs calibration data; set source or "
+      "layout to minilm or smollm2"
+    )
+  task = tasks.get(model)
+  params = convert.LazyParams(source)
+  return convert.convert_calibrated(
     source,
     recipe,
     output,
-    max_part_bytes=config.part_kb * 1024 if config.part_kb else None,
+    task.block_model(params),
+    task.calibration_batches(config),
+    max_part_bytes=part,
   )
 
 

@@ -141,6 +141,7 @@ def quantize_sequential(
   last_tokens: int = 2048,
   key: jax.Array | None = None,
   progress: bool = True,
+  emit: Callable[[str, Any], None] | None = None,
 ):
   """qjax.quantize with calibration, block by block (GPTQ's sequential mode).
 
@@ -150,19 +151,27 @@ def quantize_sequential(
   the Gram matrix of the last `last_tokens` calibration tokens (the authors'
   one 2048-token sample) is captured too.
 
+  `params` may be any Mapping of top-level names (qjax.convert reads each
+  block from disk on access): each block is read once, and `model.embed`
+  sees only the leaves outside the blocks. With `emit`, every quantized
+  block (then every other top-level entry) is passed to emit(name, tree)
+  as soon as it is ready and not kept; the function then returns {}.
+
   Raises:
     ValueError: no batches, or fewer than `last_tokens` tokens when the
       last sample is needed.
   """
   if not batches:
     raise ValueError("quantize_sequential needs at least one calibration batch")
-  xs = [model.embed(params, b) for b in batches]
-  out = dict(params)
+  rest = {k: params[k] for k in params if k not in model.blocks}
+  xs = [model.embed(rest, b) for b in batches]
+  out = {}
   bar = tqdm(
     model.blocks, desc="calibrate+quantize", disable=not progress, leave=False
   )
   for index, name in enumerate(bar):
-    variables = {"params": params[name]}
+    block = params[name]
+    variables = {"params": block}
     calls = [
       (x, *model.block_args(b)) for x, b in zip(xs, batches, strict=True)
     ]
@@ -178,17 +187,24 @@ def quantize_sequential(
         prefix=name,
       )
     qblock = api.quantize(
-      {name: params[name]},
+      {name: block},
       recipe,
       key=None if key is None else jax.random.fold_in(key, index),
       hessians=hessians,
       grams=grams,
       report_unused=False,
     )[name]
-    out[name] = qblock
     deq = {"params": api.dequantize(qblock)}
     # The next block sees what the quantized block produces.
     xs = [model.block_module.apply(deq, *c) for c in calls]
-  rest = {k: v for k, v in params.items() if k not in model.blocks}
-  out.update(api.quantize(rest, recipe, key=key, report_unused=False))
-  return out
+    if emit is None:
+      out[name] = qblock
+    else:
+      emit(name, qblock)
+    del block, variables, qblock, deq
+  qrest = api.quantize(rest, recipe, key=key, report_unused=False)
+  if emit is None:
+    return {**out, **qrest}
+  for name, tree in qrest.items():
+    emit(name, tree)
+  return {}

@@ -14,11 +14,16 @@ process runs the same calls in the same order (they are collective), and the
 result equals a single-process conversion bit for bit: quantization is
 elementwise per block, so sharding does not change a value.
 
-Calibrated recipes (GPTQ, MagR, ED) need activations from the whole model
-and are refused here; run them with qjax.quantize(calib=...) and
-checkpoint.save.
+Calibrated recipes (GPTQ, MagR) go through `convert_calibrated`: GPTQ's
+sequential mode reads one block at a time from the source
+(qjax.calibration.quantize_sequential over a lazy mapping) and hands each
+quantized block to the writer, so host memory holds the leaves outside the
+blocks, one block and the calibration activations. It runs in one process.
+ED/GPFQ (two activation streams) are not streamed: use qjax.quantize(calib=)
+and checkpoint.save.
 """
 
+import collections.abc
 import math
 import resource
 import warnings
@@ -68,17 +73,34 @@ def _sqnr_db(w, q) -> float:
   return math.inf if noise == 0 else 10 * math.log10(signal / noise)
 
 
-def _refuse_calibrated(recipe: Recipe) -> None:
-  needs = [
-    r.method for r in recipe.rules if r.method in CALIBRATED + TWO_STREAM
-  ]
+def _refuse(recipe: Recipe, methods, what: str) -> None:
+  needs = sorted({r.method for r in recipe.rules if r.method in methods})
   if needs:
-    raise ValueError(
-      f"recipe methods {sorted(set(needs))} need calibration activations; "
-      "convert streams data-free recipes (rtn, pipe, skip). Quantize with "
-      "qjax.quantize(params, recipe, calib=...) and write with "
-      "qjax.checkpoint.save instead"
+    raise ValueError(f"recipe methods {needs} {what}")
+
+
+def _row(spec, w, leaf, index) -> dict:
+  float_bytes = math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
+  row = {
+    "shape": list(spec.shape),
+    "float_bytes": float_bytes,
+    "bytes": float_bytes,
+    "bits_per_weight": 8 * np.dtype(spec.dtype).itemsize,
+    "rule": index,
+  }
+  if qtensor.is_quantized(leaf):
+    row.update(
+      bytes=leaf.nbytes,
+      bits_per_weight=leaf.bits_per_weight,
+      sqnr_db=_sqnr_db(w, leaf),
     )
+  return row
+
+
+def _largest_leaf(specs) -> int:
+  return max(
+    math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in specs.values()
+  )
 
 
 def convert(
@@ -119,14 +141,17 @@ def convert(
       divide (naming the parameter); a damaged source (naming the file and
       leaf).
   """
-  _refuse_calibrated(recipe)
+  _refuse(
+    recipe,
+    CALIBRATED + TWO_STREAM,
+    "need calibration activations; convert streams data-free recipes (rtn, "
+    "pipe, skip): use convert_calibrated for gptq/magr",
+  )
   mesh = default_mesh() if mesh is None else mesh
   devices = mesh.shape["x"]
   specs = source.specs()
   if max_part_bytes is None:
-    max_part_bytes = max(
-      math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in specs.values()
-    )
+    max_part_bytes = _largest_leaf(specs)
   rows, used = {}, set()
   with checkpoint.Writer(
     out, recipe=recipe, max_part_bytes=max_part_bytes
@@ -141,32 +166,12 @@ def convert(
       w = source.read(path, sharding)
       leaf_key = None if key is None else jax.random.fold_in(key, i)
       leaf, index = api.quantize_leaf(path, w, recipe, key=leaf_key)
-      float_bytes = math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
-      row = {
-        "shape": list(spec.shape),
-        "float_bytes": float_bytes,
-        "bytes": float_bytes,
-        "bits_per_weight": 8 * np.dtype(spec.dtype).itemsize,
-        "rule": None if index is None else index,
-      }
       if index is not None:
         used.add(index)
-      if qtensor.is_quantized(leaf):
-        row.update(
-          bytes=leaf.nbytes,
-          bits_per_weight=leaf.bits_per_weight,
-          sqnr_db=_sqnr_db(w, leaf),
-        )
-      rows[path] = row
+      rows[path] = _row(spec, w, leaf, index)
       writer.add(tuple(path.split("/")), leaf)
       del w, leaf
-    summary = _summary(rows)
-    writer.extra["conversion"] = {
-      "source": str(source.file),
-      "processes": jax.process_count(),
-      "devices": jax.device_count(),
-      **{k: v for k, v in summary.items() if k != "leaves"},
-    }
+    summary = _record(writer, source, rows)
   unused = [
     f"{i}: {r.pattern!r}"
     for i, r in enumerate(recipe.rules)
@@ -176,6 +181,119 @@ def convert(
     warnings.warn(
       f"recipe rules matched no parameter: {', '.join(unused)}", stacklevel=2
     )
+  summary["peak_rss_bytes"] = peak_rss_bytes()
+  return summary
+
+
+def _record(writer, source, rows) -> dict:
+  summary = _summary(rows)
+  writer.extra["conversion"] = {
+    "source": str(source.file),
+    "processes": jax.process_count(),
+    "devices": jax.device_count(),
+    **{k: v for k, v in summary.items() if k != "leaves"},
+  }
+  return summary
+
+
+class LazyParams(collections.abc.Mapping):
+  """A source's leaves as a Mapping of top-level names: `params[name]` reads
+  that subtree from disk (single device) each time it is accessed."""
+
+  def __init__(self, source):
+    self.source = source
+    self._tops = list(dict.fromkeys(p.split("/")[0] for p in source.specs()))
+
+  def __iter__(self):
+    return iter(self._tops)
+
+  def __len__(self):
+    return len(self._tops)
+
+  def __getitem__(self, name):
+    if name not in self._tops:
+      raise KeyError(name)
+    tree = {}
+    for path in self.source.specs():
+      keys = path.split("/")
+      if keys[0] != name:
+        continue
+      if len(keys) == 1:
+        return self.source.read(path)
+      node = tree
+      for k in keys[1:-1]:
+        node = node.setdefault(k, {})
+      node[keys[-1]] = self.source.read(path)
+    return tree
+
+
+def convert_calibrated(
+  source,
+  recipe: Recipe,
+  out,
+  block_model,
+  batches,
+  *,
+  key: jax.Array | None = None,
+  max_part_bytes: int | None = None,
+  progress: bool = True,
+) -> dict:
+  """`convert` for calibrated recipes (gptq, magr+rtn, magr+gptq), block by
+  block: equal to qjax.quantize(params, recipe, calib=(block_model,
+  batches)) leaf for leaf, reading one block of the source at a time.
+
+  Args:
+    block_model: qjax.calibration.BlockModel of the source's model (e.g.
+      qjax.models.smollm2.block_model).
+    batches: calibration batches for it.
+    Others: as `convert`.
+
+  Raises:
+    ValueError: under several processes (GPTQ's Hessians are per layer on
+      one host), or an ED/GPFQ recipe.
+  """
+  if jax.process_count() > 1:
+    raise ValueError(
+      "calibrated conversion runs in one process; data-free recipes "
+      "(convert) run under jax.distributed"
+    )
+  _refuse(
+    recipe,
+    TWO_STREAM,
+    "need both activation streams and are not streamed: use "
+    "qjax.quantize(params, recipe, calib=...) and qjax.checkpoint.save",
+  )
+  from qjax import calibration
+
+  specs = source.specs()
+  if max_part_bytes is None:
+    max_part_bytes = _largest_leaf(specs)
+  rows = {}
+  with checkpoint.Writer(
+    out, recipe=recipe, max_part_bytes=max_part_bytes
+  ) as writer:
+
+    def emit(name, tree):
+      leaves = jax.tree_util.tree_leaves_with_path(
+        {name: tree}, is_leaf=qtensor.is_quantized
+      )
+      for p, leaf in leaves:
+        path = api.path_str(p)
+        w = source.read(path) if qtensor.is_quantized(leaf) else leaf
+        index, _ = recipe.match(path, len(specs[path].shape))
+        rows[path] = _row(specs[path], w, leaf, index)
+        writer.add(p, leaf)
+
+    calibration.quantize_sequential(
+      LazyParams(source),
+      recipe,
+      block_model,
+      batches,
+      key=key,
+      progress=progress,
+      emit=emit,
+    )
+    summary = _record(writer, source, rows)
   summary["peak_rss_bytes"] = peak_rss_bytes()
   return summary
 

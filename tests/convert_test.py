@@ -151,6 +151,46 @@ class ConvertTest(absltest.TestCase):
     self.assertIsInstance(back["layer_0"]["q"]["kernel"], qtensor.QTensor)
 
 
+class CalibratedConvertTest(absltest.TestCase):
+  def test_block_streamed_gptq_equals_quantize_with_calib(self):
+    from configs import convert as convert_config
+    from experiments import tasks
+
+    config = convert_config.get_config("calib_sentences=64")
+    batches = tasks.get("minilm").calibration_batches(config)
+    recipe = qjax.Recipe(
+      (qjax.rule("kernel", "int4", formats.per_channel(), method="gptq"),)
+    )
+    params = minilm.load_params()
+    want = qjax.quantize(
+      params, recipe, calib=(minilm.block_model(params), batches)
+    )
+    source = sources.open_source(minilm.safetensors_path())
+    lazy = convert.LazyParams(source)
+    self.assertEqual(sorted(lazy), sorted(params))
+    tmp = pathlib.Path(tempfile.mkdtemp())
+    self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
+    out = tmp / "gptq"
+    summary = convert.convert_calibrated(
+      source, recipe, out, minilm.block_model(lazy), batches, progress=False
+    )
+    assert_trees_equal(self, checkpoint.restore(out), want)
+    self.assertEqual(summary["quantized_leaves"], 36)
+    stats = qjax.stats(want, params)
+    path = "layer_2/value/kernel"
+    self.assertAlmostEqual(
+      summary["leaves"][path]["sqnr_db"], stats[path]["sqnr_db"], 3
+    )
+
+  def test_two_stream_recipes_are_refused(self):
+    recipe = qjax.Recipe((qjax.rule("kernel", "mxfp4", method="ed"),))
+    source = sources.GGUFSource(smollm2.gguf_path(), smollm2.gguf_names(1))
+    with self.assertRaisesRegex(ValueError, r"\['ed'\] need both"):
+      convert.convert_calibrated(
+        source, recipe, "/nonexistent/o", smollm2.block_model({}), []
+      )
+
+
 class BadInputTest(absltest.TestCase):
   def setUp(self):
     super().setUp()
