@@ -328,6 +328,9 @@ def dequantize_checkpoint(src, out, *, dtype=None, mesh=None) -> dict:
   """
   from qjax import sources
 
+  # Global arrays on every device, so that orbax's collective save works
+  # the same under one process or several.
+  mesh = default_mesh() if mesh is None else mesh
   tree, dtypes = {}, {}
   for keys, leaf in checkpoint.iter_leaves(src, mesh=mesh):
     if qtensor.is_quantized(leaf):

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 from absl.testing import absltest
 
 import qjax
@@ -28,15 +29,20 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(out, *, part_kb, process_id=0, processes=1, port=None):
+def _launch(
+  out, *, part_kb=0, process_id=0, processes=1, port=None, dequantize=None
+):
   args = [
     sys.executable,
     "-m",
     "experiments.convert_checkpoint",
-    f"--config={CONFIG.format(part_kb=part_kb)}",
     f"--output={out}",
     "--local_devices=4",
   ]
+  if dequantize:
+    args += ["--dequantize", f"--input={dequantize}"]
+  else:
+    args += [f"--config={CONFIG.format(part_kb=part_kb)}"]
   if processes > 1:
     args += [
       f"--coordinator_address=localhost:{port}",
@@ -76,23 +82,45 @@ class MultiProcessTest(absltest.TestCase):
       _launch(out, part_kb=2048, process_id=i, processes=2, port=port)
       for i in range(2)
     ]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, log in zip(procs, logs, strict=True):
-      self.assertEqual(p.returncode, 0, log[-3000:])
+    logs = self._wait(procs)
     self.assertIn("quantized leaves 36", logs[0])
     doc = checkpoint.load_metadata(out)
     self.assertEqual(doc["conversion"]["processes"], 2)
     self.assertEqual(doc["conversion"]["devices"], 8)
-    # Both processes wrote their shards into the same orbax parts.
-    writers = {d.name for d in (out / "arrays").glob("part*/ocdbt.process_*")}
-    self.assertEqual(writers, {"ocdbt.process_0", "ocdbt.process_1"})
+    # Both processes wrote their shards into every orbax part.
+    parts = sorted((out / "arrays").glob("part*"))
+    self.assertGreater(len(parts), 1)
+    for part in parts:
+      writers = {d.name for d in part.glob("ocdbt.process_*")}
+      self.assertEqual(writers, {"ocdbt.process_0", "ocdbt.process_1"})
 
     one = self.dir / "one"
     self._single_process(one)
     self.assertEqual(convert_test.digests(out), convert_test.digests(one))
-    convert_test.assert_trees_equal(
-      self, checkpoint.restore(out), checkpoint.restore(one)
+    restored = checkpoint.restore(out)
+    convert_test.assert_trees_equal(self, restored, checkpoint.restore(one))
+
+    # The inverse under 2 processes: a float orbax checkpoint of the
+    # dequantized tree.
+    float_out = self.dir / "dequantized"
+    port = _free_port()
+    self._wait(
+      [
+        _launch(float_out, process_id=i, processes=2, port=port, dequantize=out)
+        for i in range(2)
+      ]
     )
+    source = sources.open_source(float_out)
+    want = convert_test.flat(qjax.dequantize(restored))
+    self.assertEqual(sorted(source.specs()), sorted(want))
+    for path in ("layer_0/query/kernel", "layer_5/ffn_out/bias"):
+      np.testing.assert_array_equal(source.read(path), want[path])
+
+  def _wait(self, procs) -> list[str]:
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, log in zip(procs, logs, strict=True):
+      self.assertEqual(p.returncode, 0, log[-3000:])
+    return logs
 
   def test_killed_conversion_leaves_no_checkpoint_and_reruns(self):
     out = self.dir / "killed"
