@@ -89,11 +89,32 @@ def recipe_from_config(config) -> qjax.Recipe:
     if config.method.endswith("pipe"):
       options.pop("shrink")  # the expansion's orders refine a full grid
   axis = config.get("block_axis", -2)
+  # Layers a calibrated method cannot see (a CNN's 3x3 and depthwise convs)
+  # take RTN on the same grid, ahead of the main rule. Their input axis (3
+  # or 1 channels) holds no 32-element block: with a block format they take
+  # its elements with one float32 scale per output channel, for every
+  # method (RTN too, so the comparison stays fair).
+  data_free = config.get("rtn_pattern", "")
+  clip = (
+    {"clip_ratios": options["clip_ratios"]} if "clip_ratios" in options else {}
+  )
   if formats.is_block_format(config.format):
+    element, scaling = formats.block_format(config.format, axis)
+    if config.get("ragged", False):
+      # A channel count that is no multiple of the block (MobileNetV2's 16
+      # and 24) ends in a short block, as the MX spec's zero padding would.
+      scaling = formats.Scaling(**{**scaling.to_dict(), "ragged": True})
     rule = qjax.rule(
-      "kernel", config.format, axis=axis, method=config.method, **options
+      "kernel", element, scaling, method=config.method, **options
     )
-    return qjax.Recipe((rule,))
+    first = (
+      (qjax.rule(data_free, element, formats.per_channel(-1), **clip),)
+      if data_free
+      else ()
+    )
+    return qjax.Recipe((*first, rule))
+  if config.method == "rtn":
+    data_free = ""
   if config.block:
     scaling = formats.per_block(
       config.block,
@@ -108,7 +129,10 @@ def recipe_from_config(config) -> qjax.Recipe:
   rule = qjax.rule(
     "kernel", config.format, scaling, method=config.method, **options
   )
-  return qjax.Recipe((rule,))
+  first = (
+    (qjax.rule(data_free, config.format, scaling, **clip),) if data_free else ()
+  )
+  return qjax.Recipe((*first, rule))
 
 
 _FLOAT_CACHE = {}
@@ -138,8 +162,10 @@ def run(config, workdir) -> dict:
   if recipe.needs_calibration:
     if not hasattr(task, "block_model"):
       raise ValueError(
-        f"calibrated methods are not wired for {task.name!r} "
-        "yet; choices: smollm2"
+        f"calibrated methods are not wired for {task.name!r} yet; choices: "
+        + ", ".join(
+          t.name for t in tasks.TASKS.values() if hasattr(t, "block_model")
+        )
       )
     calib = (task.block_model(params), task.calibration_batches(config))
     # ED/GPFQ rules take the two-stream driver, the others GPTQ's

@@ -119,6 +119,17 @@ class MobileNetV2Task:
     self._batch_stats = variables["batch_stats"]
     return variables["params"]
 
+  def block_model(self, params):
+    return mobilenet_v2.block_model(params, self._batch_stats)
+
+  def calibration_batches(self, config):
+    """Crops of photos the evaluation never sees, in batches."""
+    images = mobilenet_v2.calibration_images(config.calib.images)
+    size = config.calib.batch
+    return [
+      jnp.asarray(images[i : i + size]) for i in range(0, len(images), size)
+    ]
+
   def _logits(self, params, config):
     images = mobilenet_v2.photos(config.eval.crops_per_photo)
     return np.asarray(mobilenet_v2.logits(params, self._batch_stats, images))

@@ -176,6 +176,15 @@ def _apply_rule(r, w, h, gram, kwargs):
       f"method {r.method!r} needs calibration statistics and none reached "
       "this layer (see qjax.calibration)"
     )
+  if r.method in CALIBRATED and w.ndim > 2:
+    # A pointwise conv [1, 1, in, out]: its statistics are the matrix's.
+    inner = _apply_rule(r, w.reshape(w.shape[-2:]), h, gram, kwargs)
+    if not qtensor.is_qtensor(inner):
+      raise ValueError(
+        f"method {r.method!r} on a conv kernel {w.shape} gives a "
+        f"{type(inner).__name__}; only QTensor results can be viewed as convs"
+      )
+    return qtensor.with_leading_unit_axes(inner, w.shape)
   magr_kwargs = _pop_prefixed(kwargs, "magr_")
   cd_kwargs = _pop_prefixed(kwargs, "cd_")
   pipe_kwargs = _pop_prefixed(kwargs, "pipe_")

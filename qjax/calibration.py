@@ -34,8 +34,25 @@ def _zero():
   return 0.0
 
 
+def is_linear(module: nn.Module) -> bool:
+  """A layer whose input rows meet the kernel as one matmul: nn.Dense, or a
+  1x1 nn.Conv with stride 1 and no groups (MobileNet's pointwise convs;
+  its kernel [1, 1, in, out] is quantized as the matrix [in, out])."""
+  if isinstance(module, nn.Dense):
+    return True
+  if not isinstance(module, nn.Conv):
+    return False
+  ones = lambda v: v is None or all(int(k) == 1 for k in np.atleast_1d(v))  # noqa: E731
+  return (
+    ones(module.kernel_size)
+    and ones(module.strides)
+    and ones(module.kernel_dilation)
+    and module.feature_group_count == 1
+  )
+
+
 def _interceptor(next_fun, args, kwargs, context):
-  if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+  if is_linear(context.module) and context.method_name == "__call__":
     x = args[0].reshape(-1, args[0].shape[-1]).astype(jnp.float32)
     module = context.module
     module.sow(
@@ -58,13 +75,15 @@ def _interceptor(next_fun, args, kwargs, context):
 def _capture(module, variables, args):
   with nn.intercept_methods(_interceptor):
     out, state = module.apply(variables, *args, mutable=["calibration"])
-  return out, state["calibration"]
+  return out, state.get("calibration", {})  # {} for blocks without a layer
 
 
 _capture_jit = jax.jit(_capture, static_argnums=0)
 
 
 def _flatten(stats, prefix=()):
+  if "xtx" in stats and "rows" in stats:  # the block is itself one layer
+    return {"/".join((*prefix, "kernel")): stats}
   out = {}
   for key, value in stats.items():
     if "xtx" in value and "rows" in value:
@@ -106,16 +125,30 @@ def dense_hessians(
 class BlockModel(NamedTuple):
   """How to run a model block by block.
 
-  embed(params, batch) -> activations entering the first block;
+  embed(params, batch) -> activations entering the first block (params:
+    the top-level entries that are not blocks);
   blocks: the parameter names of the blocks, in order;
-  block_module: the Linen module of one block;
-  block_args(batch) -> the extra arguments of a block after x.
+  block_module: the Linen module of every block, unless `modules` names
+    one for it (models whose blocks differ, e.g. MobileNetV2);
+  block_args(batch) -> the extra arguments of a block after x;
+  collections: {block: {collection: tree}}, non-parameter variables a
+    block needs (e.g. BatchNorm's 'batch_stats').
   """
 
   embed: Callable[[Any, Any], jax.Array]
   blocks: tuple[str, ...]
-  block_module: nn.Module
+  block_module: nn.Module | None
   block_args: Callable[[Any], tuple]
+  modules: dict | None = None
+  collections: dict | None = None
+
+  def module(self, name: str) -> nn.Module:
+    if self.modules and name in self.modules:
+      return self.modules[name]
+    return self.block_module
+
+  def variables(self, name: str, params) -> dict:
+    return {"params": params, **(self.collections or {}).get(name, {})}
 
 
 def _last_calls(calls, tokens):
@@ -171,17 +204,16 @@ def quantize_sequential(
   )
   for index, name in enumerate(bar):
     block = params[name]
-    variables = {"params": block}
+    module = model.module(name)
+    variables = model.variables(name, block)
     calls = [
       (x, *model.block_args(b)) for x, b in zip(xs, batches, strict=True)
     ]
-    hessians, _ = dense_hessians(
-      model.block_module, variables, calls, prefix=name
-    )
+    hessians, _ = dense_hessians(module, variables, calls, prefix=name)
     grams = None
     if recipe.needs_last_sample:
       grams, _ = dense_hessians(
-        model.block_module,
+        module,
         variables,
         _last_calls(calls, last_tokens),
         prefix=name,
@@ -194,14 +226,14 @@ def quantize_sequential(
       grams=grams,
       report_unused=False,
     )[name]
-    deq = {"params": api.dequantize(qblock)}
+    deq = model.variables(name, api.dequantize(qblock))
     # The next block sees what the quantized block produces.
-    xs = [model.block_module.apply(deq, *c) for c in calls]
+    xs = [module.apply(deq, *c) for c in calls]
     if emit is None:
       out[name] = qblock
     else:
       emit(name, qblock)
-    del block, variables, qblock, deq
+    del block, variables, qblock, deq, module
   qrest = api.quantize(rest, recipe, key=key, report_unused=False)
   if emit is None:
     return {**out, **qrest}

