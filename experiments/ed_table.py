@@ -4,11 +4,13 @@
       --plot=docs/ed_minilm.png
 
 Rows: rtn, gptq, ed (lstsq), ed_rescale, ed_bias, gpfq; columns: the block
-formats present. Cells: the quantized score (cosine or perplexity).
+formats present. Cells: the quantized score (cosine, perplexity, or top-1
+agreement / KL to float when the runs' metrics.json hold a KL).
 """
 
 import csv
-import math
+import json
+import pathlib
 
 from absl import app, flags
 
@@ -23,11 +25,18 @@ def row_label(r: dict) -> str:
   return r["method"]
 
 
-def table(rows: list[dict]) -> tuple[str, dict]:
+def table(rows: list[dict], kl: dict | None = None) -> tuple[str, dict]:
+  """Markdown table and {(row label, format): score}. With `kl` ({run name:
+  KL to float}), cells read 'score / KL' (MobileNetV2)."""
   formats = list(dict.fromkeys(r["format"] for r in rows))
   digits = ".5f" if rows and rows[0].get("quality") == "cosine_mean" else ".4g"
   cells = {
     (row_label(r), r["format"]): float(r["quantized_quality"]) for r in rows
+  }
+  kls = {
+    (row_label(r), r["format"]): kl[r["name"]]
+    for r in rows
+    if kl and r["name"] in kl
   }
   bits = {r["format"]: float(r["bits_per_weight"]) for r in rows}
   lines = [
@@ -37,12 +46,14 @@ def table(rows: list[dict]) -> tuple[str, dict]:
   for label in ROWS:
     if not any((label, f) in cells for f in formats):
       continue
-    values = [cells.get((label, f)) for f in formats]
-    lines.append(
-      f"| {label} | "
-      + " | ".join("not run" if v is None else f"{v:{digits}}" for v in values)
-      + " |"
-    )
+    values = []
+    for f in formats:
+      v = cells.get((label, f))
+      text = "not run" if v is None else f"{v:{digits}}"
+      if (label, f) in kls:
+        text += f" / {kls[label, f]:.3g}"
+      values.append(text)
+    lines.append(f"| {label} | " + " | ".join(values) + " |")
   lines.append(
     "| bits/weight | " + " | ".join(f"{bits[f]:.3f}" for f in formats) + " |"
   )
@@ -65,16 +76,16 @@ def plot(cells: dict, metric: str, path: str) -> None:
       if (label, f) in cells:
         xs.append(j + i * width)
         v = cells[label, f]
-        ys.append(1 - v if metric == "cosine_mean" else math.log10(v))
+        ys.append(1 - v if metric == "cosine_mean" else v)
     ax.bar(xs, ys, width, label=label)
   ax.set_xticks([j + 0.4 - width / 2 for j in range(len(formats))], formats)
   ax.set_ylabel(
-    "1 - cosine to float (lower is better)"
-    if metric == "cosine_mean"
-    else "log10 perplexity (lower is better)"
+    {
+      "cosine_mean": "1 - cosine to float (lower is better)",
+      "kl": "KL to float on the photos (lower is better)",
+    }.get(metric, "perplexity (lower is better)")
   )
-  if metric == "cosine_mean":
-    ax.set_yscale("log")
+  ax.set_yscale("log")
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -89,10 +100,26 @@ def main(argv):
   for path in FLAGS.csv:
     with open(path) as f:
       rows += list(csv.DictReader(f))
-  text, cells = table(rows)
+  kl = {}
+  for path in FLAGS.csv:  # each run's metrics.json sits next to the CSV
+    for r in rows:
+      m = pathlib.Path(path).parent / r["name"] / "metrics.json"
+      if m.exists():
+        value = json.loads(m.read_text())["quantized"].get("kl")
+        if value is not None:
+          kl[r["name"]] = value
+  text, cells = table(rows, kl)
   print(text)
   if FLAGS.plot:
-    plot(cells, rows[0]["quality"], FLAGS.plot)
+    if kl:  # agreement on 20 crops is coarse; plot the KL
+      cells = {
+        (row_label(r), r["format"]): kl[r["name"]]
+        for r in rows
+        if r["name"] in kl
+      }
+      plot(cells, "kl", FLAGS.plot)
+    else:
+      plot(cells, rows[0]["quality"], FLAGS.plot)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,15 @@ class EDTableTest(absltest.TestCase):
       lines.index("| ed | 0.98000 | not run |"),
     )
 
+  def test_kl_joins_the_agreement_cells(self):
+    rows = [
+      _row("m_rtn_mxfp4", "rtn", "mxfp4", 0.5),
+      _row("m_ed_mxfp4", "ed", "mxfp4", 0.9),
+    ]
+    text, _ = ed_table.table(rows, {"m_ed_mxfp4": 0.0123})
+    self.assertIn("| ed | 0.90000 / 0.0123 |", text.splitlines())
+    self.assertIn("| rtn | 0.50000 |", text.splitlines())
+
 
 if __name__ == "__main__":
   absltest.main()
