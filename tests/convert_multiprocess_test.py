@@ -15,12 +15,16 @@ import numpy as np
 from absl.testing import absltest
 
 import qjax
+from configs import convert as convert_config
+from experiments import run_lib
 from qjax import checkpoint, convert, sources
 from qjax.models import minilm
 from tests import convert_test
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "configs/convert.py:source=minilm,part_kb={part_kb}"
+# What the program builds from that config (mxfp4, ragged blocks).
+RECIPE = run_lib.recipe_from_config(convert_config.get_config("source=minilm"))
 
 
 def _free_port() -> int:
@@ -70,7 +74,7 @@ class MultiProcessTest(absltest.TestCase):
     # This pytest process: one process, 8 devices (conftest.py).
     return convert.convert(
       sources.open_source(minilm.safetensors_path()),
-      convert_test.RECIPE,
+      RECIPE,
       out,
       progress=False,
     )
@@ -148,7 +152,7 @@ class MultiProcessTest(absltest.TestCase):
     convert_test.assert_trees_equal(
       self,
       checkpoint.restore(out),
-      qjax.quantize(minilm.load_params(), convert_test.RECIPE),
+      qjax.quantize(minilm.load_params(), RECIPE),
     )
 
 

@@ -139,7 +139,7 @@ class BadInputTest(absltest.TestCase):
     self.assertEqual(dict(rule.options)["magr_alpha"], 1e-3)
     rule = run_lib.recipe_from_config(
       mobilenet_config.get_config("format=mxfp4")
-    ).rules[0]
+    ).rules[-1]
     self.assertEqual(rule.scaling.axes, (-2,))  # conv input channels
 
   def test_recipe_override(self):
