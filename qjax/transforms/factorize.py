@@ -73,7 +73,10 @@ def cp_rank(shape: tuple[int, ...], rate: float) -> int:
 
 
 def tensor_modes(shape) -> tuple[int, ...]:
-  """[kh, kw, Cin, Cout] -> (Cout, Cin, kh*kw); [in, out] -> (out, in)."""
+  """[kh, kw, Cin, Cout] -> (Cout, Cin, kh*kw); [in, out] and a 1x1 conv
+  [1, 1, in, out] -> (out, in), a matrix (the authors' mapping)."""
+  if len(shape) == 4 and shape[0] * shape[1] == 1:
+    return (shape[3], shape[2])
   if len(shape) == 4:
     kh, kw, cin, cout = shape
     return (cout, cin, kh * kw)
@@ -86,6 +89,8 @@ def tensor_modes(shape) -> tuple[int, ...]:
 
 def to_tensor(w: jax.Array) -> jax.Array:
   """Flax kernel -> the factorized tensor: HWIO -> (O, I, h*kw + w)."""
+  if w.ndim == 4 and w.shape[0] * w.shape[1] == 1:
+    return w[0, 0].T
   if w.ndim == 4:
     kh, kw, cin, cout = w.shape
     return jnp.transpose(w, (3, 2, 0, 1)).reshape(cout, cin, kh * kw)
@@ -94,6 +99,8 @@ def to_tensor(w: jax.Array) -> jax.Array:
 
 def from_tensor(x: jax.Array, shape) -> jax.Array:
   """Inverse of to_tensor."""
+  if len(shape) == 4 and shape[0] * shape[1] == 1:
+    return x.T.reshape(shape)
   if len(shape) == 4:
     kh, kw, cin, cout = shape
     return jnp.transpose(x.reshape(cout, cin, kh, kw), (2, 3, 1, 0))

@@ -185,6 +185,11 @@ class LayoutTest(absltest.TestCase):
     self.assertEqual(x.shape, (5, 4, 9))
     np.testing.assert_array_equal(x[2, 1, 3 * 1 + 2], w[1, 2, 1, 2])
     np.testing.assert_array_equal(fz.from_tensor(x, w.shape), w)
+    pointwise = jax.random.normal(jax.random.key(1), (1, 1, 6, 7))
+    self.assertEqual(fz.tensor_modes(pointwise.shape), (7, 6))
+    m = fz.to_tensor(pointwise)
+    np.testing.assert_array_equal(m, pointwise[0, 0].T)
+    np.testing.assert_array_equal(fz.from_tensor(m, pointwise.shape), pointwise)
 
 
 if __name__ == "__main__":
