@@ -29,7 +29,8 @@ def table(rows: list[dict], kl: dict | None = None) -> tuple[str, dict]:
   """Markdown table and {(row label, format): score}. With `kl` ({run name:
   KL to float}), cells read 'score / KL' (MobileNetV2)."""
   formats = list(dict.fromkeys(r["format"] for r in rows))
-  digits = ".5f" if rows and rows[0].get("quality") == "cosine_mean" else ".4g"
+  quality = rows[0].get("quality") if rows else None
+  digits = {"cosine_mean": ".5f", "top1_agreement": ".2f"}.get(quality, ".4g")
   cells = {
     (row_label(r), r["format"]): float(r["quantized_quality"]) for r in rows
   }
