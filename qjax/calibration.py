@@ -174,7 +174,7 @@ def quantize_sequential(
   last_tokens: int = 2048,
   key: jax.Array | None = None,
   progress: bool = True,
-  emit: Callable[[str, Any], None] | None = None,
+  emit: Callable[[str, Any, Any], None] | None = None,
 ):
   """qjax.quantize with calibration, block by block (GPTQ's sequential mode).
 
@@ -187,8 +187,9 @@ def quantize_sequential(
   `params` may be any Mapping of top-level names (qjax.convert reads each
   block from disk on access): each block is read once, and `model.embed`
   sees only the leaves outside the blocks. With `emit`, every quantized
-  block (then every other top-level entry) is passed to emit(name, tree)
-  as soon as it is ready and not kept; the function then returns {}.
+  block (then every other top-level entry) is passed to emit(name,
+  quantized tree, float tree) as soon as it is ready and not kept; the
+  function then returns {}.
 
   Raises:
     ValueError: no batches, or fewer than `last_tokens` tokens when the
@@ -232,11 +233,11 @@ def quantize_sequential(
     if emit is None:
       out[name] = qblock
     else:
-      emit(name, qblock)
+      emit(name, qblock, block)
     del block, variables, qblock, deq, module
   qrest = api.quantize(rest, recipe, key=key, report_unused=False)
   if emit is None:
     return {**out, **qrest}
   for name, tree in qrest.items():
-    emit(name, tree)
+    emit(name, tree, rest[name])
   return {}

@@ -273,13 +273,13 @@ def convert_calibrated(
     out, recipe=recipe, max_part_bytes=max_part_bytes
   ) as writer:
 
-    def emit(name, tree):
+    def emit(name, tree, float_tree):
       leaves = jax.tree_util.tree_leaves_with_path(
         {name: tree}, is_leaf=qtensor.is_quantized
       )
-      for p, leaf in leaves:
+      floats = jax.tree_util.tree_leaves({name: float_tree})
+      for (p, leaf), w in zip(leaves, floats, strict=True):
         path = api.path_str(p)
-        w = source.read(path) if qtensor.is_quantized(leaf) else leaf
         index, _ = recipe.match(path, len(specs[path].shape))
         rows[path] = _row(specs[path], w, leaf, index)
         writer.add(p, leaf)
