@@ -252,6 +252,8 @@ def _macs_and_bops(q, activation_bits: int) -> tuple[int, int]:
   residual expansion costs prod(shape[:-1]) per stored column of each term,
   and BOPs = sum_k MACs_k * bits_k * activation_bits (PIPE's accounting).
   """
+  if hasattr(q, "macs_and_bops"):  # e.g. a CP-factorized kernel
+    return q.macs_and_bops(activation_bits)
   terms = getattr(q, "terms", (q,))
   macs = bops = 0
   for t in terms:
@@ -266,8 +268,10 @@ def stats(qtree, float_tree=None, *, activation_bits: int = 32) -> dict:
 
   Quantized leaves also report `macs` (per output position) and `bops` with
   activations of `activation_bits` (qjax keeps activations in float32);
-  residual expansions report their `orders`. Unquantized leaves count their
-  own bytes at their own dtype.
+  residual expansions report their `orders`, CP-factorized kernels
+  (qjax.transforms.cp_layers.CPKernel) their `rank` and the MACs of their
+  layer sequence at stride 1 (cp_layers.macs counts a strided forward).
+  Unquantized leaves count their own bytes at their own dtype.
   """
   q_leaves = jax.tree_util.tree_leaves_with_path(
     qtree, is_leaf=qtensor.is_quantized
@@ -280,19 +284,22 @@ def stats(qtree, float_tree=None, *, activation_bits: int = 32) -> dict:
   out = {}
   for (p, q), f in zip(q_leaves, f_leaves, strict=True):
     if qtensor.is_quantized(q):
-      first = getattr(q, "terms", (q,))[0]
+      first = getattr(q, "terms", getattr(q, "factors", (q,)))[0]
       macs, bops = _macs_and_bops(q, activation_bits)
+      quantized = qtensor.is_quantized(first)
       entry = {
         "bits_per_weight": q.bits_per_weight,
         "bytes": q.nbytes,
         "quantized": True,
-        "format": str(first.fmt),
-        "scaling": first.scaling.spec(),
+        "format": str(first.fmt) if quantized else str(first.dtype),
+        "scaling": first.scaling.spec() if quantized else None,
         "macs": macs,
         "bops": bops,
       }
       if hasattr(q, "terms"):
         entry["orders"] = len(q.terms)
+      if hasattr(q, "rank"):
+        entry["rank"] = q.rank
       if f is not None:
         entry["sqnr_db"] = sqnr_db(f, q.dequantize(jnp.float32))
     else:
