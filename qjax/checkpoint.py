@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from qjax import __version__, api, qtensor
 from qjax.formats import serialize
 from qjax.formats.scaling import Scaling
-from qjax.transforms import residual
+from qjax.transforms import cp_layers, residual
 
 # 2: arrays in parts with partition specs; 1: one arrays/ tree (still read).
 FORMAT_VERSION = 2
@@ -129,6 +129,21 @@ def _leaf_entry(p, leaf) -> tuple[dict, dict]:
       shape=list(leaf.shape),
       dtype=str(np.dtype(leaf.dtype)),
       terms=[_qtensor_meta(t) for t in leaf.terms],
+    )
+  elif isinstance(leaf, cp_layers.CPKernel):
+    group, factors = {}, []
+    for k, f in enumerate(leaf.factors):
+      if qtensor.is_qtensor(f):
+        group.update({f"f{k}_{n}": x for n, x in _qtensor_arrays(f).items()})
+        factors.append(_qtensor_meta(f))
+      else:
+        group[f"f{k}_value"] = f
+        factors.append(None)  # a float factor (plain CP)
+    entry.update(
+      kind="cp",
+      shape=list(leaf.shape),
+      dtype=str(np.dtype(leaf.dtype)),
+      factors=factors,
     )
   elif isinstance(leaf, qtensor.CompositeLeaf):
     raise ValueError(
@@ -314,6 +329,17 @@ def _build_leaf(e: dict, got: dict):
     leaf = residual.Expansion(
       tuple(_qtensor_from(t, got, f"t{k}_") for k, t in enumerate(e["terms"])),
       tuple(got.get(f"t{k}_keep") for k in range(n)),
+      tuple(e["shape"]),
+      np.dtype(e["dtype"]),
+    )
+    leaf.validate()
+    return leaf
+  if e["kind"] == "cp":
+    leaf = cp_layers.CPKernel(
+      tuple(
+        got[f"f{k}_value"] if m is None else _qtensor_from(m, got, f"f{k}_")
+        for k, m in enumerate(e["factors"])
+      ),
       tuple(e["shape"]),
       np.dtype(e["dtype"]),
     )

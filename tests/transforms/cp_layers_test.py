@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import qjax
+from qjax import checkpoint
 from qjax.models import fmnist_cnn
 from qjax.transforms import cp_layers
 from qjax.transforms import factorize as fz
@@ -187,3 +188,26 @@ def test_factorize_errors_name_the_parameter():
     cp_layers.factorize(params, "dense2/kernel", rate=20, fmt="int4")
   with pytest.raises(ValueError, match="unknown method"):
     cp_layers.factorize(params, "dense2/kernel", rate=2, method="svd")
+
+
+def test_factorized_tree_round_trips_through_an_orbax_checkpoint(tmp_path):
+  params = fmnist_cnn.load_params()
+  tree = dict(params)
+  tree["conv2"] = dict(params["conv2"])
+  w = params["conv2"]["kernel"]
+  qaf = cp_layers.CPKernel(
+    tuple(fz.cp_then_quantize(w, 5, qjax.formats.get("int4"), init_sweeps=2)),
+    (3, 3, 32, 64),
+    np.dtype(np.float32),
+  )
+  tree["conv2"]["kernel"] = qaf
+  tree["dense1"] = dict(params["dense1"])
+  tree["dense1"]["kernel"] = _random_cp((3136, 128), 4)  # float factors
+  checkpoint.save(tmp_path / "ckpt", tree)
+  back = checkpoint.restore(tmp_path / "ckpt")
+  assert isinstance(back["conv2"]["kernel"], cp_layers.CPKernel)
+  assert back["conv2"]["kernel"].rank == 5
+  for got, want in zip(
+    jax.tree.leaves(back), jax.tree.leaves(tree), strict=True
+  ):
+    np.testing.assert_array_equal(got, want)

@@ -1,0 +1,260 @@
+"""QAF on whole models: factorized layers, BatchNorm recalibration, and the
+baselines at equal bytes, in one run.
+
+  python -m experiments.qaf_models --models=fmnist_cnn,mobilenet_v2 \
+    --rates=2,4 --bits=4,8 --csv=docs/results/qaf_models.csv \
+    --plot=docs/qaf_models.png
+
+For each model, compression rate and factor bit width it scores:
+  cp    float CP-ALS factors (the start QAF and factorize-then-quantize share)
+  ftq   factorize-then-quantize: that start, each factor rounded once
+  qaf   QAF (qjax.transforms.factorize.cp_quantized)
+  rtn   no factorization: the same layers rounded per output channel to
+        int(bits / rate) bits, the factorized layers' bytes (int2 when that
+        is 1 bit: qjax has no 1-bit format, so that RTN cell stores 2x)
+Layers: the Fashion-MNIST CNN's conv2 and dense1 (conv1 and the 10-way
+classifier stay float, as the authors keep ResNet's stem and fc);
+MobileNetV2's stem 3x3 conv and every pointwise conv (expand, project,
+head). Depthwise convs (grouped; QAF's mapping is for ungrouped convs) and
+the classifier stay float. MobileNetV2's BatchNorm statistics are
+recalibrated on `--calib_images` crops of photos the evaluation never sees,
+for every arm (the `qaf_norecal` column shows QAF without it).
+"""
+
+import csv
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+import qjax
+from qjax import eval as qeval
+from qjax.formats.scaling import per_channel
+from qjax.models import fmnist_cnn, mobilenet_v2
+from qjax.transforms import cp_layers
+
+if __name__ == "__main__":
+  flags.DEFINE_string("models", "fmnist_cnn,mobilenet_v2", "models")
+  flags.DEFINE_string("rates", "2,4", "compression rates")
+  flags.DEFINE_string("bits", "4,8", "bit widths of the factors (intN)")
+  flags.DEFINE_integer("sweeps", 20, "QAF ALS sweeps cap")
+  flags.DEFINE_integer("inner", 60, "QAF ADMM steps cap per factor step")
+  flags.DEFINE_integer("calib_images", 64, "BatchNorm recalibration images")
+  flags.DEFINE_integer("crops_per_photo", 4, "MobileNetV2 evaluation crops")
+  flags.DEFINE_string("arms", "cp,ftq,qaf,rtn", "arms to score")
+  flags.DEFINE_string(
+    "pattern", "", "override the factorized layers' regex (one model)"
+  )
+  flags.DEFINE_string("csv", "", "write the rows here")
+  flags.DEFINE_string("plot", "", "write a PNG here")
+
+PATTERNS = {
+  "fmnist_cnn": r"^(conv2|dense1)/kernel$",
+  "mobilenet_v2": r"(stem|expand|project|head)/conv/kernel$",
+}
+ARMS = ("cp", "ftq", "qaf", "qaf_norecal", "rtn")
+
+
+@jax.jit
+def _fmnist_forward(params, x):
+  return cp_layers.apply(fmnist_cnn.CNN(), {"params": params}, x)
+
+
+class FashionMnist:
+  quality = "accuracy"
+
+  def __init__(self, calib_images, crops_per_photo):
+    del calib_images, crops_per_photo
+    self.params = fmnist_cnn.load_params()
+    self.x, self.y = fmnist_cnn.load_split("test")
+    self.ref = self._logits(self.params)
+
+  def _logits(self, params):
+    return np.asarray(_fmnist_forward(params, jnp.asarray(self.x)))
+
+  def score(self, params, recalibrate=True):
+    del recalibrate  # no BatchNorm in this CNN
+    out = self._logits(params)
+    return {
+      "accuracy": qeval.accuracy(out, self.y),
+      "kl": qeval.kl_divergence(self.ref, out),
+    }
+
+
+class MobileNet:
+  quality = "top1_agreement"
+
+  def __init__(self, calib_images, crops_per_photo):
+    variables = mobilenet_v2.load_variables()
+    self.params, self.stats = variables["params"], variables["batch_stats"]
+    self.images = jnp.asarray(mobilenet_v2.photos(crops_per_photo))
+    self.calib = jnp.asarray(mobilenet_v2.calibration_images(calib_images))
+    self.model = mobilenet_v2.MobileNetV2()
+    self._forward = jax.jit(lambda v, x: cp_layers.apply(self.model, v, x))
+    self._recal = jax.jit(
+      lambda v, x: cp_layers.recalibrate_batchnorm(self.model, v, x)
+    )
+    self.ref = np.asarray(self._forward(self._vars(self.params), self.images))
+
+  def _vars(self, params, stats=None):
+    return {
+      "params": params,
+      "batch_stats": self.stats if stats is None else stats,
+    }
+
+  def score(self, params, recalibrate=True):
+    stats = self._recal(self._vars(params), self.calib) if recalibrate else None
+    out = np.asarray(self._forward(self._vars(params, stats), self.images))
+    return {
+      "top1_agreement": qeval.top1_agreement(self.ref, out),
+      "kl": qeval.kl_divergence(self.ref, out),
+    }
+
+
+MODELS = {"fmnist_cnn": FashionMnist, "mobilenet_v2": MobileNet}
+
+
+def layer_bytes(tree, pattern) -> int:
+  """Bytes of the leaves `pattern` selects (CPKernels, QTensors or float)."""
+  import re
+
+  stats = qjax.stats(tree)
+  return sum(e["bytes"] for p, e in stats.items() if re.search(pattern, p))
+
+
+def rtn_tree(params, pattern, bits):
+  recipe = qjax.Recipe(
+    [qjax.rule(pattern, f"int{max(bits, 2)}", per_channel(-1))]
+  )
+  return qjax.quantize(params, recipe, progress=False)
+
+
+def run_one(task, name, rate, bits, sweeps, inner, arms, pattern):
+  """Rows for one (model, rate, bits): every arm's quality and bytes."""
+  rows = []
+  float_bytes = layer_bytes(task.params, pattern)
+
+  def row(arm, tree, seconds, error=None, recalibrate=True):
+    metrics = task.score(tree, recalibrate=recalibrate)
+    nbytes = layer_bytes(tree, pattern)
+    rows.append(
+      {
+        "model": name,
+        "rate": rate,
+        "bits": bits,
+        "arm": arm,
+        "layer_bytes": nbytes,
+        "float_layer_bytes": float_bytes,
+        "mean_rel_error": "" if error is None else f"{error:.4f}",
+        "quality": task.quality,
+        **{k: f"{v:.5g}" for k, v in metrics.items()},
+        "seconds": f"{seconds:.0f}",
+      }
+    )
+    print(rows[-1], flush=True)
+
+  for method in [a for a in ("cp", "ftq", "qaf") if a in arms]:
+    start = time.perf_counter()
+    kw = {"sweeps": sweeps, "inner": inner} if method == "qaf" else {}
+    tree, report = cp_layers.factorize(
+      task.params,
+      pattern,
+      rate=rate,
+      fmt=None if method == "cp" else f"int{bits}",
+      method=method,
+      **kw,
+    )
+    seconds = time.perf_counter() - start
+    error = float(np.mean([r["error"] for r in report.values()]))
+    row(method, tree, seconds, error)
+    if method == "qaf":
+      hit = sum(r["sweep_cap_hit"] for r in report.values())
+      print(f"QAF: {hit}/{len(report)} layers hit the sweep cap {sweeps}")
+      if isinstance(task, MobileNet):
+        row("qaf_norecal", tree, seconds, error, recalibrate=False)
+  if "rtn" not in arms:
+    return rows
+  start = time.perf_counter()
+  rtn_bits = int(bits / rate)
+  tree = rtn_tree(task.params, pattern, rtn_bits)
+  row(f"rtn_int{max(rtn_bits, 2)}", tree, time.perf_counter() - start)
+  return rows
+
+
+def plot(rows, path):
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  models = sorted({r["model"] for r in rows})
+  fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4))
+  axes = np.atleast_1d(axes)
+  for ax, model in zip(axes, models, strict=True):
+    mine = [r for r in rows if r["model"] == model]
+    quality = mine[0]["quality"]
+    for arm in sorted({r["arm"] for r in mine}):
+      pts = sorted(
+        (32 * r["layer_bytes"] / r["float_layer_bytes"], float(r[quality]))
+        for r in mine
+        if r["arm"] == arm
+      )
+      ax.plot(*zip(*pts, strict=True), "o-", label=arm)
+    ax.set_xlabel("bits per original weight (factorized layers)")
+    ax.set_ylabel(quality)
+    ax.set_title(model)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  rows = []
+  for name in f.models.split(","):
+    task = MODELS[name](f.calib_images, f.crops_per_photo)
+    base = task.score(task.params, recalibrate=False)
+    print(f"{name} float: {base}")
+    for rate in (float(r) for r in f.rates.split(",")):
+      for bits in (int(b) for b in f.bits.split(",")):
+        rows += run_one(
+          task,
+          name,
+          rate,
+          bits,
+          f.sweeps,
+          f.inner,
+          f.arms.split(","),
+          f.pattern or PATTERNS[name],
+        )
+        if f.csv:
+          with open(f.csv, "w", newline="") as fh:
+            w = csv.DictWriter(
+              fh, fieldnames=list(rows[0]), extrasaction="ignore"
+            )
+            w.writeheader()
+            w.writerows(rows)
+  print(table(rows))
+  if f.plot:
+    plot(rows, f.plot)
+
+
+def table(rows) -> str:
+  lines = [
+    "| model | rate | bits | arm | layer bytes | rel. error | quality | KL |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    lines.append(
+      f"| {r['model']} | {r['rate']:g} | {r['bits']} | {r['arm']} | "
+      f"{r['layer_bytes']:,} | {r['mean_rel_error']} | {r[r['quality']]} | "
+      f"{r['kl']} |"
+    )
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  app.run(main)
