@@ -12,7 +12,7 @@ from qjax import qtensor
 from qjax.quantizers import coordinate_descent
 from qjax.quantizers.gptq import gptq
 from qjax.quantizers.rtn import rtn
-from qjax.recipe import CALIBRATED, TWO_STREAM, Recipe
+from qjax.recipe import CALIBRATED, FACTORIZED, TWO_STREAM, Recipe
 from qjax.transforms import residual
 from qjax.transforms.magr import magr
 
@@ -171,6 +171,10 @@ def _apply_rule(r, w, h, gram, kwargs):
       "streams: quantize(params, recipe, calib=(block_model, batches)) "
       "(qjax.diffusion)"
     )
+  if r.method in FACTORIZED:
+    from qjax.transforms import cp_layers  # cp_layers builds on this module
+
+    return cp_layers.factorize_kernel(w, fmt=r.fmt, method=r.method, **kwargs)
   if r.method in CALIBRATED and h is None:
     raise ValueError(
       f"method {r.method!r} needs calibration statistics and none reached "

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from qjax.formats import presets
-from qjax.formats.scaling import Scaling
+from qjax.formats.scaling import Scaling, per_tensor
 
 METHODS = (
   "rtn",
@@ -28,8 +28,13 @@ METHODS = (
   "gptq+pipe",
   "ed",
   "gpfq",
+  "qaf",
+  "ftq",
   "skip",
 )
+# CP factorization (qjax.transforms.cp_layers): QAF, or factorize-then-
+# quantize; each factor has one scale (per-tensor), the authors' grid.
+FACTORIZED = ("qaf", "ftq")
 # Error Diffusion and GPFQ need both activation streams (qjax.diffusion).
 TWO_STREAM = ("ed", "gpfq")
 CALIBRATED = (
@@ -53,12 +58,15 @@ class Rule:
     method: 'rtn', 'gptq', 'magr+rtn', 'magr+gptq', 'pipe' (data-free
       residual expansion, qjax.transforms.residual), 'magr+pipe',
       'gptq+pipe' (GPTQ gives the first order; all but rtn and pipe need
-      calibration statistics) or 'skip'. Options named pipe_* (pipe_order,
-      pipe_keep, pipe_rank_by) go to the expansion; magr_* (magr_alpha,
-      magr_iters, magr_group_size, magr_projection, magr_statistics =
-      'hessian' | 'last_sample') go to MagR; cd_* (cd_sweeps, cd_damp) to
-      the coordinate-descent refinement after GPTQ; the rest (e.g. shrink,
-      act_order, clip_ratios) to the quantizer.
+      calibration statistics), 'qaf' / 'ftq' (a CPKernel: QAF or
+      factorize-then-quantize, qjax.transforms.cp_layers; option `rate`
+      required, the rest go to factorize.cp_quantized; the scaling must be
+      per-tensor, the default for these) or 'skip'. Options named pipe_*
+      (pipe_order, pipe_keep, pipe_rank_by) go to the expansion; magr_*
+      (magr_alpha, magr_iters, magr_group_size, magr_projection,
+      magr_statistics = 'hessian' | 'last_sample') go to MagR; cd_*
+      (cd_sweeps, cd_damp) to the coordinate-descent refinement after GPTQ;
+      the rest (e.g. shrink, act_order, clip_ratios) to the quantizer.
     fmt: element format (None for 'skip').
     scaling: scale sharing (None for 'skip').
     options: extra keyword arguments of the method, as sorted (name, value)
@@ -92,6 +100,18 @@ class Rule:
       ) from e
     if self.method != "skip" and (self.fmt is None or self.scaling is None):
       raise ValueError(f"rule {self.pattern!r} needs a format and a scaling")
+    if self.method in FACTORIZED:
+      if self.scaling.spec() != per_tensor().spec():
+        raise ValueError(
+          f"rule {self.pattern!r}: method {self.method!r} puts one scale on "
+          f"each CP factor; scaling must be per-tensor, not "
+          f"{self.scaling.spec()!r}"
+        )
+      if "rate" not in dict(self.options):
+        raise ValueError(
+          f"rule {self.pattern!r}: method {self.method!r} needs the option "
+          "rate (the compression rate)"
+        )
     object.__setattr__(self, "options", tuple(sorted(self.options)))
 
   def names_default_skip(self, word: str) -> bool:
@@ -110,6 +130,8 @@ def rule(
 ) -> Rule:
   """Builds a Rule; `fmt` may be a name, a block format name ('mxfp4',
   'nvfp4', ... blocked along `axis`) or a format object."""
+  if method in FACTORIZED and scaling is None:
+    scaling = per_tensor()
   if presets.is_block_format(fmt):
     if scaling is not None:
       raise ValueError(f"{fmt!r} fixes its own scaling; do not pass one")

@@ -189,6 +189,19 @@ def factorize(
   return tree, report
 
 
+def factorize_kernel(
+  w, *, rate: float, fmt=None, method: str = "qaf", **solver
+):
+  """One kernel -> CPKernel of rank factorize.cp_rank(w.shape, rate) (what
+  a recipe rule with method 'qaf' or 'ftq' does; see `factorize`)."""
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; choices: {METHODS}")
+  w = jnp.asarray(w)
+  fmt = None if fmt is None else formats.get(fmt)
+  leaf, _ = _factorize_one(w, fz.cp_rank(w.shape, rate), fmt, method, solver)
+  return leaf
+
+
 def _factorize_one(w, rank, fmt, method, solver):
   shape, dtype = tuple(w.shape), np.dtype(w.dtype)
   if method == "qaf":

@@ -211,3 +211,35 @@ def test_factorized_tree_round_trips_through_an_orbax_checkpoint(tmp_path):
     jax.tree.leaves(back), jax.tree.leaves(tree), strict=True
   ):
     np.testing.assert_array_equal(got, want)
+
+
+def test_recipe_methods_qaf_and_ftq_write_cp_kernels():
+  params = fmnist_cnn.load_params()
+  recipe = qjax.Recipe(
+    [
+      qjax.rule(
+        "conv2/kernel", "int4", method="qaf", rate=4, sweeps=2, inner=5
+      ),
+      qjax.rule("dense1/kernel", "int8", method="ftq", rate=4),
+    ]
+  )
+  tree = qjax.quantize(params, recipe)
+  conv2, dense1 = tree["conv2"]["kernel"], tree["dense1"]["kernel"]
+  assert isinstance(conv2, cp_layers.CPKernel) and conv2.rank == 43
+  assert isinstance(dense1, cp_layers.CPKernel)
+  assert dense1.factors[0].fmt.bits == 8
+  # The rule is exactly cp_layers' factorization of that kernel.
+  want = cp_layers.factorize_kernel(
+    params["conv2"]["kernel"], rate=4, fmt="int4", sweeps=2, inner=5
+  )
+  np.testing.assert_array_equal(conv2.dequantize(), want.dequantize())
+  with pytest.raises(ValueError, match="needs the option rate"):
+    qjax.rule("conv2/kernel", "int4", method="qaf")
+  with pytest.raises(ValueError, match="must be per-tensor"):
+    qjax.rule(
+      "conv2/kernel",
+      "int4",
+      qjax.formats.scaling.per_channel(-1),
+      method="qaf",
+      rate=2,
+    )
