@@ -48,6 +48,9 @@ if __name__ == "__main__":
     "pattern", "", "override the factorized layers' regex (one model)"
   )
   flags.DEFINE_string("csv", "", "write the rows here")
+  flags.DEFINE_string(
+    "from_csv", "", "only print the table (and plot) of these CSVs (,-joined)"
+  )
   flags.DEFINE_string("plot", "", "write a PNG here")
 
 PATTERNS = {
@@ -216,6 +219,19 @@ def plot(rows, path):
 def main(argv):
   del argv
   f = flags.FLAGS
+  if f.from_csv:
+    rows = []
+    for path in f.from_csv.split(","):
+      with open(path, newline="") as fh:
+        rows += list(csv.DictReader(fh))
+    for r in rows:
+      r["rate"] = float(r["rate"])
+      r["layer_bytes"] = int(r["layer_bytes"])
+      r["float_layer_bytes"] = int(r["float_layer_bytes"])
+    print(table(rows))
+    if f.plot:
+      plot(rows, f.plot)
+    return
   rows = []
   for name in f.models.split(","):
     task = MODELS[name](f.calib_images, f.crops_per_photo)
@@ -245,16 +261,47 @@ def main(argv):
     plot(rows, f.plot)
 
 
+def _column(arm: str) -> str:
+  """'rtn_int2+bn' -> 'rtn+bn': one RTN column whatever its bit width."""
+  if arm.startswith("rtn"):
+    return "rtn" + ("+bn" if arm.endswith("+bn") else "")
+  return arm
+
+
 def table(rows) -> str:
+  """One line per (model, rate, bits), one column per arm: quality / KL
+  (RTN's cells name its format), and the bytes of the factorized layers
+  under QAF and under RTN."""
+  order = ["cp", "ftq", "qaf", "rtn"]
+  columns = sorted(
+    {_column(r["arm"]) for r in rows},
+    key=lambda c: (c.endswith("+bn"), order.index(c.removesuffix("+bn"))),
+  )
   lines = [
-    "| model | rate | bits | arm | layer bytes | rel. error | quality | KL |",
-    "|---|---|---|---|---|---|---|---|",
+    f"| model | rate | bits | {' | '.join(columns)} | QAF bytes | RTN bytes |",
+    "|---|---|---|" + "---|" * (len(columns) + 2),
   ]
+  groups = {}
   for r in rows:
+    key = (r["model"], r["rate"], int(r["bits"]))
+    groups.setdefault(key, {})[_column(r["arm"])] = r
+  for (model, rate, bits), by_column in groups.items():
+    cells = []
+    for c in columns:
+      r = by_column.get(c)
+      if r is None:
+        cells.append("—")
+        continue
+      cell = f"{float(r[r['quality']]):.4g} / {float(r['kl']):.3g}"
+      if c.startswith("rtn"):
+        cell += f" ({r['arm'][4:].removesuffix('+bn')})"
+      cells.append(cell)
+    qaf, rtn = by_column.get("qaf"), by_column.get("rtn")
     lines.append(
-      f"| {r['model']} | {r['rate']:g} | {r['bits']} | {r['arm']} | "
-      f"{r['layer_bytes']:,} | {r['mean_rel_error']} | {r[r['quality']]} | "
-      f"{r['kl']} |"
+      f"| {model} | {rate:g} | {bits} | {' | '.join(cells)} | "
+      f"{int(qaf['layer_bytes']):,} | {int(rtn['layer_bytes']):,} |"
+      if qaf and rtn
+      else f"| {model} | {rate:g} | {bits} | {' | '.join(cells)} | — | — |"
     )
   return "\n".join(lines)
 
