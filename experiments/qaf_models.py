@@ -50,6 +50,9 @@ if __name__ == "__main__":
   flags.DEFINE_string(
     "label", "", "names the layer set in the rows (e.g. 'head' with --pattern)"
   )
+  flags.DEFINE_boolean(
+    "bn_columns", True, "tables show the recalibrated (+bn) arms too"
+  )
   flags.DEFINE_string("csv", "", "write the rows here")
   flags.DEFINE_string(
     "from_csv", "", "only print the table (and plot) of these CSVs (,-joined)"
@@ -241,7 +244,8 @@ def main(argv):
       r["rate"] = float(r["rate"])
       r["layer_bytes"] = int(r["layer_bytes"])
       r["float_layer_bytes"] = int(r["float_layer_bytes"])
-    print(table(rows))
+    shown = [r for r in rows if f.bn_columns or "+bn" not in r["arm"]]
+    print(table(shown))
     if f.plot:
       plot(rows, f.plot)
     return
