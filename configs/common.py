@@ -55,6 +55,12 @@ def base_config(model: str, args: dict) -> ml_collections.ConfigDict:
   c.order = args["order"]  # pipe: residual terms per weight
   c.keep = args["keep"]  # pipe: fraction of channels orders >= 2 keep
   c.adjust = args["adjust"]  # ed: the adjust step (error_diffusion.ADJUSTS)
+  # qaf / ftq (CP factorization, qjax.transforms.cp_layers): compression
+  # rate and QAF's caps; the model config sets which kernels (factor_pattern).
+  c.rate = args["rate"]
+  c.qaf_sweeps = args["qaf_sweeps"]
+  c.qaf_inner = args["qaf_inner"]
+  c.factor_pattern = "kernel"
   c.recipe = None  # or {'rules': [...]} to override the flat fields
   c.save_checkpoint = True
   c.name = (
@@ -67,6 +73,7 @@ def base_config(model: str, args: dict) -> ml_collections.ConfigDict:
     + (f"_o{c.order}" if c.method.endswith("pipe") else "")
     + (f"_k{c.keep:g}" if c.method.endswith("pipe") and c.keep < 1 else "")
     + (f"_{c.adjust}" if c.method == "ed" and c.adjust != "lstsq" else "")
+    + (f"_rate{c.rate:g}" if c.method in ("qaf", "ftq") else "")
     + ("_clip" if c.clip_ratios else "")
     + ("_last" if c.magr_statistics == "last_sample" else "")
     + (f"_beta{c.shrink:g}" if c.shrink else "")
@@ -97,4 +104,10 @@ DEFAULTS = {
   # Error Diffusion (ed): the adjust step, 'lstsq' (our reading of the
   # paper), 'rescale' or 'bias' (qjax.quantizers.error_diffusion).
   "adjust": "lstsq",
+  # QAF / factorize-then-quantize (qaf, ftq): the compression rate, and
+  # QAF's sweep and ADMM-step caps (the authors': 5000 and 1000; ours are
+  # what 2 cores afford, see the README's QAF section).
+  "rate": 2.0,
+  "qaf_sweeps": 20,
+  "qaf_inner": 60,
 }

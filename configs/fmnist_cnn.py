@@ -2,6 +2,8 @@
 
   python -m experiments.quantize --config=configs/fmnist_cnn.py:bits=4 \
     --workdir=workdir/fmnist
+  python -m experiments.quantize \
+    --config=configs/fmnist_cnn.py:method=qaf,bits=4,rate=2 --workdir=...
 """
 
 from configs import common
@@ -11,4 +13,7 @@ def get_config(arg=None):
   args = common.parse_arg(arg, {**common.DEFAULTS, "block": 0})
   c = common.base_config("fmnist_cnn", args)
   c.eval = {}
+  # qaf / ftq factorize conv2 and dense1; conv1 and the classifier stay
+  # float, as the QAF authors keep ResNet's stem and fc.
+  c.factor_pattern = r"^(conv2|dense1)/kernel$"
   return c

@@ -33,5 +33,7 @@ def get_config(arg=None):
   # grid. Calibration crops come from other photos than the evaluation's.
   c.calib = {"images": args["calib_images"], "batch": 16}
   c.rtn_pattern = r"(stem|depthwise)/conv/kernel"
+  # qaf / ftq factorize the stem and the pointwise convs (README, QAF).
+  c.factor_pattern = r"(stem|expand|project|head)/conv/kernel$"
   c.act_order = args["act_order"]
   return c

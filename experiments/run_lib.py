@@ -74,6 +74,21 @@ def recipe_from_config(config) -> qjax.Recipe:
     raise ValueError(
       f"unknown method {config.method!r}; choices: {', '.join(METHODS)}"
     )
+  if config.method in recipe_lib.FACTORIZED:
+    # One scale per CP factor (the authors' grid); no blocks, no RTN rule.
+    options = {"rate": float(config.rate)}
+    if config.method == "qaf":
+      options.update(sweeps=int(config.qaf_sweeps), inner=int(config.qaf_inner))
+    return qjax.Recipe(
+      (
+        qjax.rule(
+          config.get("factor_pattern", "kernel"),
+          config.format,
+          method=config.method,
+          **options,
+        ),
+      )
+    )
   options = {}
   if config.clip_ratios:
     options["clip_ratios"] = tuple(config.clip_ratios)

@@ -14,6 +14,7 @@ from configs import smollm2 as smollm2_config
 from experiments import run_lib, sweep
 from qjax import checkpoint
 from qjax.models import package_files
+from qjax.transforms import cp_layers
 
 
 class RunTest(absltest.TestCase):
@@ -85,6 +86,20 @@ class RunTest(absltest.TestCase):
       config.save_checkpoint = False
       kl.append(run_lib.run(config, tempfile.mkdtemp())["quantized"]["kl"])
     self.assertLess(kl[0], kl[1])
+
+  def test_qaf_run_factorizes_the_configured_layers(self):
+    config = fmnist_config.get_config(
+      "method=qaf,bits=4,rate=4,qaf_sweeps=2,qaf_inner=5"
+    )
+    self.assertEqual(config.name, "fmnist_cnn_qaf_int4_rate4")
+    workdir = tempfile.mkdtemp()
+    m = run_lib.run(config, workdir)
+    # conv2 and dense1 only; int4 factors at rate 4 store ~1 bit/weight.
+    self.assertLess(m["bits_per_weight"], 1.1)
+    self.assertGreater(m["quantized"]["accuracy"], 0.8)
+    restored = checkpoint.restore(f"{workdir}/checkpoint")
+    self.assertIsInstance(restored["conv2"]["kernel"], cp_layers.CPKernel)
+    self.assertNotIsInstance(restored["conv1"]["kernel"], cp_layers.CPKernel)
 
   def test_sweep_orders_bits(self):
     entries = sweep._split(
