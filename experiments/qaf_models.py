@@ -211,16 +211,23 @@ def plot(rows, path):
   for ax, model in zip(axes, models, strict=True):
     mine = [r for r in rows if r["model"] == model and "+bn" not in r["arm"]]
     metric = "accuracy" if mine[0]["quality"] == "accuracy" else "kl"
-    for column in ("cp", "ftq", "qaf", "rtn"):
+    series = [("cp", None, "o-"), ("rtn", None, "o-")] + [
+      (c, b, style)
+      for c in ("ftq", "qaf")
+      for b, style in ((4, "s-"), (8, "^--"))
+    ]
+    for column, bits, style in series:
       pts = sorted(
         {
           (32 * r["layer_bytes"] / r["float_layer_bytes"], float(r[metric]))
           for r in mine
           if _column(r["arm"]) == column
+          and (bits is None or int(r["bits"]) == bits)
         }
       )
       if pts:
-        ax.plot(*zip(*pts, strict=True), "o-", label=column)
+        label = column if bits is None else f"{column}, int{bits} factors"
+        ax.plot(*zip(*pts, strict=True), style, label=label)
     if metric == "kl":
       ax.set_yscale("log")
     ax.set_xscale("log", base=2)
