@@ -175,6 +175,8 @@ def factorize(
       leaf, info = _factorize_one(jnp.asarray(w), rank, fmt, method, solver)
     except ValueError as e:
       raise ValueError(f"parameter {name!r}: {e}") from e
+    for message in info.pop("warnings", ()):  # e.g. QAF's sweep cap
+      warnings.warn(f"parameter {name!r}: {message}", stacklevel=2)
     w32 = jnp.asarray(w, jnp.float32)
     err = jnp.linalg.norm(leaf.dequantize(jnp.float32) - w32)
     report[name] = {
@@ -198,7 +200,9 @@ def factorize_kernel(
     raise ValueError(f"unknown method {method!r}; choices: {METHODS}")
   w = jnp.asarray(w)
   fmt = None if fmt is None else formats.get(fmt)
-  leaf, _ = _factorize_one(w, fz.cp_rank(w.shape, rate), fmt, method, solver)
+  leaf, info = _factorize_one(w, fz.cp_rank(w.shape, rate), fmt, method, solver)
+  for message in info.get("warnings", ()):
+    warnings.warn(message, stacklevel=2)
   return leaf
 
 
@@ -208,9 +212,11 @@ def _factorize_one(w, rank, fmt, method, solver):
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
       out = fz.cp_quantized(w, rank, fmt, **solver)
+    messages = [str(c.message) for c in caught]
     info = {
       "sweeps": int(out.info.sweeps),
-      "sweep_cap_hit": any("sweep cap" in str(c.message) for c in caught),
+      "sweep_cap_hit": any("sweep cap" in m for m in messages),
+      "warnings": messages,
     }
     return CPKernel(tuple(out.factors), shape, dtype), info
   keep = {k: solver[k] for k in ("init_sweeps", "candidates") if k in solver}

@@ -243,3 +243,12 @@ def test_recipe_methods_qaf_and_ftq_write_cp_kernels():
       method="qaf",
       rate=2,
     )
+
+
+def test_a_sweep_cap_hit_is_reported_with_the_parameter():
+  params = {"conv": {"kernel": fmnist_cnn.load_params()["conv2"]["kernel"]}}
+  with pytest.warns(UserWarning, match="'conv/kernel': QAF stopped at the"):
+    _, report = cp_layers.factorize(
+      params, "kernel", rate=4, fmt="int4", sweeps=1, inner=2, progress=False
+    )
+  assert report["conv/kernel"]["sweep_cap_hit"]
