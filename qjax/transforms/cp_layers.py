@@ -148,7 +148,8 @@ def factorize(
       CP-ALS start itself, float32 factors).
     progress: a progress bar over the matched kernels.
     **solver: keywords of cp_quantized (sweeps, inner, init_sweeps, ...);
-      'ftq' and 'cp' take init_sweeps and candidates.
+      'ftq' takes init_sweeps, candidates and key; 'cp' init_sweeps and
+      key. Any other keyword is an error, not silently ignored.
 
   Returns:
     (tree, report): the new tree, and per path {'rank', 'error'} with the
@@ -206,6 +207,12 @@ def factorize_kernel(
   return leaf
 
 
+_ONE_SHOT_KEYWORDS = {
+  "ftq": ("init_sweeps", "candidates", "key"),
+  "cp": ("init_sweeps", "key"),
+}
+
+
 def _factorize_one(w, rank, fmt, method, solver):
   shape, dtype = tuple(w.shape), np.dtype(w.dtype)
   if method == "qaf":
@@ -219,15 +226,24 @@ def _factorize_one(w, rank, fmt, method, solver):
       "warnings": messages,
     }
     return CPKernel(tuple(out.factors), shape, dtype), info
-  keep = {k: solver[k] for k in ("init_sweeps", "candidates") if k in solver}
+  accepted = _ONE_SHOT_KEYWORDS[method]
+  unknown = sorted(set(solver) - set(accepted))
+  if unknown:  # e.g. QAF's `sweeps`, which a one-shot method would ignore
+    raise ValueError(
+      f"method {method!r} takes {', '.join(accepted)}; got {unknown}"
+    )
   if method == "ftq":
     return CPKernel(
-      tuple(fz.cp_then_quantize(w, rank, fmt, **keep)), shape, dtype
+      tuple(fz.cp_then_quantize(w, rank, fmt, **solver)), shape, dtype
     ), {}
   x = fz.to_tensor(jnp.asarray(w, jnp.float32))
   amax = jnp.max(jnp.abs(x))
+  key = solver.get("key")
   start = fz.initial_factors(
-    x / amax, rank, keep.get("init_sweeps", 50), jax.random.key(0)
+    x / amax,
+    rank,
+    solver.get("init_sweeps", 50),
+    jax.random.key(0) if key is None else key,
   )
   factors = (start[0] * amax, *start[1:])
   return CPKernel(factors, shape, dtype), {}

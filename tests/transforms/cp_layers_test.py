@@ -188,6 +188,30 @@ def test_factorize_errors_name_the_parameter():
     cp_layers.factorize(params, "dense2/kernel", rate=20, fmt="int4")
   with pytest.raises(ValueError, match="unknown method"):
     cp_layers.factorize(params, "dense2/kernel", rate=2, method="svd")
+  # QAF's solver caps mean nothing to a one-shot method: an error, not a no-op.
+  with pytest.raises(ValueError, match="'dense2/kernel'.*'ftq' takes.*sweeps"):
+    cp_layers.factorize(
+      params, "dense2/kernel", rate=2, fmt="int4", method="ftq", sweeps=5
+    )
+
+
+def test_one_shot_methods_use_the_key_they_are_given():
+  w = jax.random.normal(jax.random.key(3), (3, 3, 8, 16))
+
+  def factors(method, seed, **kw):
+    kernel = cp_layers.factorize_kernel(
+      w, rate=2, method=method, key=jax.random.key(seed), init_sweeps=2, **kw
+    )
+    return [np.asarray(f) for f in kernel.float_factors()]
+
+  for method, kw in (("cp", {}), ("ftq", {"fmt": "int8"})):
+    same = factors(method, 1, **kw), factors(method, 1, **kw)
+    other = factors(method, 2, **kw)
+    for a, b in zip(*same, strict=True):
+      np.testing.assert_array_equal(a, b)
+    assert any(
+      not np.array_equal(a, c) for a, c in zip(same[0], other, strict=True)
+    ), method
 
 
 def test_factorized_tree_round_trips_through_an_orbax_checkpoint(tmp_path):
