@@ -61,11 +61,16 @@ def table(rows: list[dict], kl: dict | None = None) -> tuple[str, dict]:
   return "\n".join(lines), cells
 
 
-def plot(cells: dict, metric: str, path: str) -> None:
+def plot(
+  cells: dict, metric: str, path: str, reference: float | None = None
+) -> None:
+  """Grouped bars per format on a log axis; `reference` (the float model's
+  perplexity) is drawn as a dashed line."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from matplotlib import ticker
 
   formats = list(dict.fromkeys(f for _, f in cells))
   labels = [r for r in ROWS if any((r, f) in cells for f in formats)]
@@ -87,6 +92,11 @@ def plot(cells: dict, metric: str, path: str) -> None:
     }.get(metric, "perplexity (lower is better)")
   )
   ax.set_yscale("log")
+  if metric == "perplexity":  # spans 6..15, where 10^1 labels say little
+    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
+  if reference is not None:
+    ax.axhline(reference, color="black", linestyle="--", label="float")
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -120,7 +130,11 @@ def main(argv):
       }
       plot(cells, "kl", FLAGS.plot)
     else:
-      plot(cells, rows[0]["quality"], FLAGS.plot)
+      metric = rows[0]["quality"]
+      reference = (
+        float(rows[0]["float_quality"]) if metric == "perplexity" else None
+      )
+      plot(cells, metric, FLAGS.plot, reference)
 
 
 if __name__ == "__main__":
