@@ -151,9 +151,14 @@ def quantize_leaf(
       raise ValueError(f"{path!r}: stochastic rounding needs quantize(key=)")
     kwargs["key"] = key
   try:
-    return _apply_rule(r, w, hessian, gram, kwargs), index
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      out = _apply_rule(r, w, hessian, gram, kwargs)
   except (ValueError, TypeError) as e:
     raise type(e)(f"parameter {path!r}: {e}") from e
+  for c in caught:  # e.g. QAF's sweep cap: say which parameter it was
+    warnings.warn(f"parameter {path!r}: {c.message}", c.category, stacklevel=3)
+  return out, index
 
 
 def _pop_prefixed(kwargs, prefix):
