@@ -236,15 +236,7 @@ def _factorize_one(w, rank, fmt, method, solver):
     return CPKernel(
       tuple(fz.cp_then_quantize(w, rank, fmt, **solver)), shape, dtype
     ), {}
-  x = fz.to_tensor(jnp.asarray(w, jnp.float32))
-  amax = jnp.max(jnp.abs(x))
-  key = solver.get("key")
-  start = fz.initial_factors(
-    x / amax,
-    rank,
-    solver.get("init_sweeps", 50),
-    jax.random.key(0) if key is None else key,
-  )
+  _, start, amax = fz.normalized_start(w, rank, **solver)
   factors = (start[0] * amax, *start[1:])
   return CPKernel(factors, shape, dtype), {}
 

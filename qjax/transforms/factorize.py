@@ -240,6 +240,35 @@ class _Sweep(NamedTuple):
   done: jax.Array
 
 
+def normalized_start(w, rank: int, init_sweeps: int = 50, key=None):
+  """The float start every CP method shares: the kernel's tensor divided
+  by its amax (1 for an all-zero kernel), and its CP-ALS start.
+
+  Returns:
+    (x, start, amax): x = to_tensor(w) / amax, the initial_factors of x
+    (key 0 unless `key` is given), and amax.
+
+  Raises:
+    ValueError: a rank < 1 or above prod(modes) / max(modes); NaN/Inf.
+  """
+  w = jnp.asarray(w, jnp.float32)
+  modes = tensor_modes(w.shape)
+  full = math.prod(modes) // max(modes)
+  if not 1 <= rank <= full:
+    raise ValueError(
+      f"rank {rank} is outside [1, {full}] for a kernel {tuple(w.shape)} "
+      f"(modes {modes})"
+    )
+  if not bool(jnp.all(jnp.isfinite(w))):
+    raise ValueError("the kernel has NaN/Inf values")
+  x = to_tensor(w)
+  amax = jnp.max(jnp.abs(x))
+  amax = jnp.where(amax > 0, amax, 1.0)
+  x = x / amax
+  key = jax.random.key(0) if key is None else key
+  return x, initial_factors(x, rank, init_sweeps, key), amax
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def initial_factors(x, rank: int, init_sweeps: int, key) -> tuple:
   """CP-ALS start with each column's norm shared equally by the modes
@@ -389,24 +418,10 @@ def cp_quantized(
   """
   import warnings
 
-  w = jnp.asarray(w, jnp.float32)
-  modes = tensor_modes(w.shape)
-  full = math.prod(modes) // max(modes)
-  if not 1 <= rank <= full:
-    raise ValueError(
-      f"rank {rank} is outside [1, {full}] for a kernel {tuple(w.shape)} "
-      f"(modes {modes})"
-    )
-  if not bool(jnp.all(jnp.isfinite(w))):
-    raise ValueError("the kernel has NaN/Inf values")
-  x = to_tensor(w)
-  amax = jnp.max(jnp.abs(x))
-  amax = jnp.where(amax > 0, amax, 1.0)
-  key = jax.random.key(0) if key is None else key
-  x = x / amax
+  x, start, amax = normalized_start(w, rank, init_sweeps, key)
   projections, info = qaf_factors(
     x,
-    initial_factors(x, rank, init_sweeps, key),
+    start,
     fmt=fmt,
     sweeps=sweeps,
     inner=inner,
@@ -457,11 +472,7 @@ def cp_then_quantize(
   """The factorize-then-quantize baseline: the same float CP-ALS start QAF
   uses, each factor then projected once with the same quantizer. Returns
   the factors as QTensors (A, B[, C])."""
-  w = jnp.asarray(w, jnp.float32)
-  x = to_tensor(w)
-  amax = jnp.max(jnp.abs(x))
-  key = jax.random.key(0) if key is None else key
-  start = initial_factors(x / amax, rank, init_sweeps, key)
+  _, start, amax = normalized_start(w, rank, init_sweeps, key)
   factors = []
   for i, f in enumerate(start):
     p = project(f, fmt, candidates)

@@ -195,6 +195,19 @@ def test_factorize_errors_name_the_parameter():
     )
 
 
+def test_every_method_shares_the_start_and_its_checks():
+  zeros = jnp.zeros((3, 3, 8, 16))
+  nan = zeros.at[0, 0, 0, 0].set(jnp.nan)
+  for method, kw in (("cp", {}), ("ftq", {"fmt": "int4"})):
+    # An all-zero kernel is exactly representable: zeros, never 0/0 = NaN.
+    kernel = cp_layers.factorize_kernel(
+      zeros, rate=2, method=method, init_sweeps=2, **kw
+    )
+    np.testing.assert_array_equal(kernel.dequantize(), zeros)
+    with pytest.raises(ValueError, match="NaN/Inf"):
+      cp_layers.factorize_kernel(nan, rate=2, method=method, **kw)
+
+
 def test_one_shot_methods_use_the_key_they_are_given():
   w = jax.random.normal(jax.random.key(3), (3, 3, 8, 16))
 
