@@ -6,9 +6,12 @@
 Casts: jitted qjax encode+decode against, in the same run, (a) ml_dtypes'
 `astype` round trip in NumPy and (b) JAX's own jitted `astype` round trip
 where JAX supports the type on this backend (XLA:CPU crashes on float6, and
-e3m3 exists nowhere else). Packing: jitted pack+unpack of uint8 codes
-against a plain NumPy copy of the same codes. Each time is the median of
---repeats runs after one warm-up; ratios > 1 mean qjax is slower.
+e3m3 exists nowhere else). Packing: jitted pack, then jitted unpack (two
+calls, so XLA cannot fuse or cancel them), of uint8 codes against a plain
+NumPy copy of the same codes. Each time is the median of --repeats runs
+(--pack_repeats for packing) after one warm-up. Within each repeat, qjax and
+its baselines take turns, so that all of them see the same moments of a
+noisy machine. Ratios > 1 mean qjax is slower.
 """
 
 import argparse
@@ -19,7 +22,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from benchmarks.timing import median_seconds
+from benchmarks.timing import interleaved_median_seconds
 from qjax import formats
 
 CASTS = [
@@ -37,15 +40,15 @@ def bench_casts(x_np, repeats):
   for name, ml_type, jax_type in CASTS:
     fmt = formats.get(name)
     qjax_rt = jax.jit(lambda v, f=fmt: f.decode(f.encode(v)))
-    t_qjax = median_seconds(lambda f=qjax_rt: f(x), repeats)
-    t_ml = t_jax = None
+    fns = [lambda f=qjax_rt: f(x)]
     if ml_type is not None:
-      t_ml = median_seconds(
-        lambda t=ml_type: x_np.astype(t).astype(np.float32), repeats
-      )
+      fns.append(lambda t=ml_type: x_np.astype(t).astype(np.float32))
     if jax_type is not None:
       jax_rt = jax.jit(lambda v, t=jax_type: v.astype(t).astype(jnp.float32))
-      t_jax = median_seconds(lambda f=jax_rt: f(x), repeats)
+      fns.append(lambda f=jax_rt: f(x))
+    t_qjax, *others = interleaved_median_seconds(fns, repeats)
+    t_ml = others.pop(0) if ml_type is not None else None
+    t_jax = others.pop(0) if jax_type is not None else None
     rows.append((name, t_qjax, t_ml, t_jax))
   return rows
 
@@ -56,12 +59,21 @@ def bench_packing(n, repeats):
   for bits in PACK_BITS:
     codes_np = rng.integers(0, 2**bits, n, dtype=np.uint8)
     codes = jnp.asarray(codes_np)
-    round_trip = jax.jit(
-      lambda c, b=bits: formats.unpack(formats.pack(c, b), b, n)
+    # Two jitted calls, as a user runs them (pack when quantizing, unpack
+    # when loading). In one jit XLA could fuse them, or cancel them out.
+    pack = jax.jit(lambda c, b=bits: formats.pack(c, b))
+    unpack = jax.jit(lambda p, b=bits: formats.unpack(p, b, n))
+    packed = pack(codes)
+    times = interleaved_median_seconds(
+      [
+        lambda c=codes, f=pack: f(c),
+        lambda p=packed, f=unpack: f(p),
+        lambda c=codes, f=pack, g=unpack: g(f(c)),
+        lambda c=codes_np: c.copy(),
+      ],
+      repeats,
     )
-    t_pack = median_seconds(lambda f=round_trip, c=codes: f(c), repeats)
-    t_copy = median_seconds(lambda c=codes_np: c.copy(), repeats)
-    rows.append((bits, t_pack, t_copy))
+    rows.append((bits, *times))
   return rows
 
 
@@ -77,6 +89,7 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--log2", type=int, default=24)
   parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--pack_repeats", type=int, default=31)
   args = parser.parse_args()
   n = 2**args.log2
   x_np = np.random.default_rng(0).standard_normal(n).astype(np.float32) * 4
@@ -94,10 +107,16 @@ def main():
       f"| {name} | {_ms(t_q)} | {_ms(t_ml)} | {_ms(t_jax)} | "
       f"{_ratio(t_q, t_ml)} | {_ratio(t_q, t_jax)} |"
     )
-  print("\n| pack+unpack | qjax ms | numpy copy ms | qjax / copy |")
-  print("|---|---|---|---|")
-  for bits, t_p, t_c in bench_packing(n, args.repeats):
-    print(f"| {bits}-bit | {_ms(t_p)} | {_ms(t_c)} | {_ratio(t_p, t_c)} |")
+  print(
+    "\n| codes | pack ms | unpack ms | pack+unpack ms | numpy copy ms |"
+    " pack+unpack / copy |"
+  )
+  print("|---|---|---|---|---|---|")
+  for bits, t_p, t_u, t_b, t_c in bench_packing(n, args.pack_repeats):
+    print(
+      f"| {bits}-bit | {_ms(t_p)} | {_ms(t_u)} | {_ms(t_b)} | {_ms(t_c)} | "
+      f"{_ratio(t_b, t_c)} |"
+    )
 
 
 if __name__ == "__main__":

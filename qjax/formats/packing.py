@@ -113,7 +113,10 @@ def _pack(codes: jax.Array, bits: int) -> jax.Array:
   dtype = _work_dtype(bits)
   c = codes.astype(dtype)
   parts = []
-  if full:
+  if full and bits < 8:
+    group = codes[..., : full * GROUP].reshape(*lead, full, GROUP)
+    parts = [_pack_words(group, bits).reshape(*lead, full * bits)]
+  elif full:
     group = c[..., : full * GROUP].reshape(*lead, full, GROUP)
     columns = []  # one per output byte of a group; each fuses into one loop
     shift = bits
@@ -134,6 +137,89 @@ def _pack(codes: jax.Array, bits: int) -> jax.Array:
   if not parts:
     return jnp.zeros((*lead, 0), jnp.uint8)
   return jnp.concatenate(parts, axis=-1)
+
+
+# Below 8 bits a group of 8 codes packs into at most 7 bytes. The fast paths
+# for that case are shaped for XLA:CPU, as measured with benchmarks/formats.py:
+# - Each pass is one reduction over a group's 8 codes, or one elementwise
+#   map; the column-by-column form above builds its output by concatenating
+#   columns, which XLA:CPU does not vectorise.
+# - Optimization barriers keep the passes apart. Fused, XLA:CPU recomputes
+#   the reduction for every output byte or code (2-3x slower).
+# - Plane shifts are written as iota * p. Given as constant arrays, they stop
+#   XLA:CPU from vectorising the loop.
+_WORD_BYTES = 4  # up to 4 bytes: one reduction per byte; 5-7: two words
+
+
+def _plane_words(bits: int):
+  """Per plane: (shift in the code, width p, word, bit offset in the word)."""
+  offset, shift = 0, bits
+  for p in planes(bits):
+    shift -= p
+    yield shift, p, offset // _WORD_BYTES, 8 * (offset % _WORD_BYTES)
+    offset += p
+
+
+def _or_reduce_last(terms):
+  """ORs each [..., 8] array of `terms` over its last axis, in one pass."""
+  zero = tuple(jnp.zeros((), t.dtype) for t in terms)
+  return jax.lax.reduce(
+    tuple(terms),
+    zero,
+    lambda a, b: tuple(x | y for x, y in zip(a, b, strict=True)),
+    (terms[0].ndim - 1,),
+  )
+
+
+def _pack_words(group: jax.Array, bits: int) -> jax.Array:
+  """[..., full, 8] codes (bits < 8) -> [..., full, bits] uint8."""
+  j = jnp.arange(GROUP, dtype=jnp.uint32)  # code j of a p-bit plane: bit j*p
+  if bits <= _WORD_BYTES:
+    # One reduction per output byte, each keeping its plane's codes.
+    g, j = group.astype(jnp.uint8), j.astype(jnp.uint8)
+    terms, shift = [], bits
+    for p in planes(bits):
+      shift -= p
+      per_byte = 8 // p
+      v = ((g >> shift) & ((1 << p) - 1)) << ((j % per_byte) * p)
+      terms += [jnp.where(j // per_byte == k, v, 0) for k in range(p)]
+    byte_columns = jax.lax.optimization_barrier(_or_reduce_last(terms))
+    return jnp.stack(byte_columns, axis=-1)
+  # Two 32-bit words per group (no plane straddles them: the only 4-byte
+  # plane comes first), then their bytes.
+  u32 = jnp.uint32
+  g = group.astype(u32)
+  terms = [None, None]
+  for shift, p, word, base in _plane_words(bits):
+    t = (((g >> shift) & u32((1 << p) - 1)) << (j * u32(p))) << u32(base)
+    terms[word] = t if terms[word] is None else terms[word] | t
+  words = _or_reduce_last(terms)
+  k = jnp.arange(_WORD_BYTES, dtype=u32)
+  pieces = []
+  for w, widths in enumerate((_WORD_BYTES, bits - _WORD_BYTES)):
+    byte = (words[w][..., None] >> (u32(8) * k[:widths])) & u32(0xFF)
+    pieces.append(byte.astype(jnp.uint8))
+  return jnp.concatenate(jax.lax.optimization_barrier(pieces), axis=-1)
+
+
+def _unpack_words(body: jax.Array, bits: int) -> jax.Array:
+  """[..., full, bits] uint8 (bits < 8) -> [..., full, 8] uint8 codes."""
+  u32 = jnp.uint32
+  words = []
+  for w in range(-(-bits // _WORD_BYTES)):
+    acc = None
+    for k in range(_WORD_BYTES * w, min(_WORD_BYTES * (w + 1), bits)):
+      t = body[..., k].astype(u32) << u32(8 * (k % _WORD_BYTES))
+      acc = t if acc is None else acc | t
+    words.append(acc)
+  words = jax.lax.optimization_barrier(words)
+  j = jnp.arange(GROUP, dtype=u32)
+  code = None
+  for shift, p, word, base in _plane_words(bits):
+    plane = (words[word] >> u32(base))[..., None] >> (j * u32(p))
+    t = (plane & u32((1 << p) - 1)) << u32(shift)
+    code = t if code is None else code | t
+  return code.astype(jnp.uint8)
 
 
 def _pack_stream(c: jax.Array, bits: int) -> jax.Array:
@@ -159,7 +245,10 @@ def _unpack(packed: jax.Array, bits: int, n: int) -> jax.Array:
   full = n // GROUP
   dtype = code_dtype(bits)
   parts = []
-  if full:
+  if full and bits < 8:
+    body = packed[..., : full * bits].reshape(*lead, full, bits)
+    parts.append(_unpack_words(body, bits).reshape(*lead, full * GROUP))
+  elif full:
     body = packed[..., : full * bits].reshape(*lead, full, bits)
     columns = []  # code j of every group, gathered from its planes
     for j in range(GROUP):
