@@ -196,8 +196,8 @@ def _pack_words(group: jax.Array, bits: int) -> jax.Array:
   words = _or_reduce_last(terms)
   k = jnp.arange(_WORD_BYTES, dtype=u32)
   pieces = []
-  for w, widths in enumerate((_WORD_BYTES, bits - _WORD_BYTES)):
-    byte = (words[w][..., None] >> (u32(8) * k[:widths])) & u32(0xFF)
+  for w, width in enumerate((_WORD_BYTES, bits - _WORD_BYTES)):
+    byte = (words[w][..., None] >> (u32(8) * k[:width])) & u32(0xFF)
     pieces.append(byte.astype(jnp.uint8))
   return jnp.concatenate(jax.lax.optimization_barrier(pieces), axis=-1)
 
