@@ -55,6 +55,7 @@ def base_config(model: str, args: dict) -> ml_collections.ConfigDict:
   c.order = args["order"]  # pipe: residual terms per weight
   c.keep = args["keep"]  # pipe: fraction of channels orders >= 2 keep
   c.adjust = args["adjust"]  # ed: the adjust step (error_diffusion.ADJUSTS)
+  c.gpfq_scales = args["gpfq_scales"]  # gpfq: 'weights' or 'feedback' grids
   # qaf / ftq (CP factorization, qjax.transforms.cp_layers): compression
   # rate and QAF's caps; the model config sets which kernels (factor_pattern).
   c.rate = args["rate"]
@@ -73,6 +74,11 @@ def base_config(model: str, args: dict) -> ml_collections.ConfigDict:
     + (f"_o{c.order}" if c.method.endswith("pipe") else "")
     + (f"_k{c.keep:g}" if c.method.endswith("pipe") and c.keep < 1 else "")
     + (f"_{c.adjust}" if c.method == "ed" and c.adjust != "lstsq" else "")
+    + (
+      f"_{c.gpfq_scales}"
+      if c.method == "gpfq" and c.gpfq_scales != "weights"
+      else ""
+    )
     + (f"_rate{c.rate:g}" if c.method in ("qaf", "ftq") else "")
     + ("_clip" if c.clip_ratios else "")
     + ("_last" if c.magr_statistics == "last_sample" else "")
@@ -104,6 +110,9 @@ DEFAULTS = {
   # Error Diffusion (ed): the adjust step, 'lstsq' (our reading of the
   # paper), 'rescale' or 'bias' (qjax.quantizers.error_diffusion).
   "adjust": "lstsq",
+  # GPFQ (gpfq): where each block's grid comes from, 'weights' (W before the
+  # loop) or 'feedback' (its values after feedback when the block starts).
+  "gpfq_scales": "weights",
   # QAF / factorize-then-quantize (qaf, ftq): the compression rate, and
   # QAF's sweep and ADMM-step caps (the authors': 5000 and 1000; ours are
   # what 2 cores afford, see the README's QAF section).

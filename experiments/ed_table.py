@@ -3,7 +3,8 @@
   python -m experiments.ed_table --csv=/tmp/runs/ed_minilm/results.csv \
       --plot=docs/ed_minilm.png
 
-Rows: rtn, gptq, ed (lstsq), ed_rescale, ed_bias, gpfq; columns: the block
+Rows: rtn, gptq, ed (lstsq), ed_rescale, ed_bias, gpfq, gpfq_feedback
+(scales from the fed-back values); columns: the block
 formats present. Cells: the quantized score (cosine, perplexity, or top-1
 agreement / KL to float when the runs' metrics.json hold a KL).
 """
@@ -14,7 +15,7 @@ import pathlib
 
 from absl import app, flags
 
-ROWS = ("rtn", "gptq", "ed", "ed_rescale", "ed_bias", "gpfq")
+ROWS = ("rtn", "gptq", "ed", "ed_rescale", "ed_bias", "gpfq", "gpfq_feedback")
 ADJUSTS = ("rescale", "bias")
 
 
@@ -22,6 +23,8 @@ def row_label(r: dict) -> str:
   for adjust in ADJUSTS:
     if r["method"] == "ed" and r["name"].endswith(f"_{adjust}"):
       return f"ed_{adjust}"
+  if r["method"] == "gpfq" and r["name"].endswith("_feedback"):
+    return "gpfq_feedback"
   return r["method"]
 
 

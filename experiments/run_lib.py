@@ -96,6 +96,8 @@ def recipe_from_config(config) -> qjax.Recipe:
     options["act_order"] = bool(config.get("act_order", False))
   if config.method == "ed":
     options["adjust"] = config.get("adjust", "lstsq")
+  if config.method == "gpfq":
+    options["scales"] = config.get("gpfq_scales", "weights")
   if config.method.endswith("pipe"):
     options["pipe_order"] = int(config.order)
     options["pipe_keep"] = float(config.keep)

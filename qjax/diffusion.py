@@ -133,7 +133,8 @@ def quantize_diffused(
   Args:
     params: the model's float parameters.
     recipe: rules; 'ed' takes the option adjust (see
-      qjax.quantizers.error_diffusion.ADJUSTS), 'gpfq' none; other methods
+      qjax.quantizers.error_diffusion.ADJUSTS), 'gpfq' the option scales
+      (error_diffusion.GPFQ_SCALES); other methods
       get H = (2/n) X~^T X~.
     model: the model cut into blocks (qjax.calibration.BlockModel).
     batches: calibration batches for model.embed.
@@ -297,7 +298,10 @@ def _quantize_layer(
         bias = ed.bias_correction(b, w, q, mean_x, mean_xq).astype(b.dtype)
     return qt, bias
   if rule.method == "gpfq":
+    scales = kwargs.pop("scales", "weights")
     if kwargs:
-      raise ValueError(f"method 'gpfq' takes no options; got {sorted(kwargs)}")
-    return ed.gpfq(w, g, c, rule.fmt, rule.scaling), None
+      raise ValueError(
+        f"method 'gpfq' takes only the option scales; got {sorted(kwargs)}"
+      )
+    return ed.gpfq(w, g, c, rule.fmt, rule.scaling, scales=scales), None
   return api._apply_rule(rule, w, 2.0 * g / rows, None, kwargs), None

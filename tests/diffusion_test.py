@@ -114,20 +114,85 @@ def _slow_ed(params, model, calib, fmt):
   return quantized
 
 
+def _slow_gpfq_mxfp4(w, x, xq, scales):
+  """GPFQ (Lybrand & Saab) column by column on explicit float64 streams, MX
+  blocks of 32 input rows. 'weights': each block's scale from w;
+  'feedback': from the block's values after the feedback of earlier blocks,
+  z0_t = <xq_t, u> / |xq_t|^2 + w_t <xq_t, x_t> / |xq_t|^2 at the block's
+  start (the reading in error_diffusion's docstring)."""
+  n_in, n_out = w.shape
+  q = np.zeros_like(w)
+
+  def target(t, j, u):
+    return (xq[:, t] @ u + w[t, j] * (xq[:, t] @ x[:, t])) / (
+      xq[:, t] @ xq[:, t]
+    )
+
+  for j in range(n_out):
+    u = np.zeros(x.shape[0])
+    for b in range(0, n_in, 32):
+      rows = range(b, b + 32)
+      if scales == "feedback":
+        basis = [target(t, j, u) for t in rows]
+      else:
+        basis = [w[t, j] for t in rows]
+      amax = np.max(np.abs(basis))
+      scale = 2.0 ** (np.floor(np.log2(amax)) - 2) if amax > 0 else 0.0
+      for t in rows:
+        z = target(t, j, u)
+        q[t, j] = _round_e2m1(z / scale) * scale if scale > 0 else 0.0
+        u = u + w[t, j] * x[:, t] - q[t, j] * xq[:, t]
+  return q
+
+
 class ReferenceTest(parameterized.TestCase):
-  @parameterized.parameters("mxfp4", "mxint8")
-  def test_matches_slow_reference(self, fmt):
-    params, model, calib, _ = _mlp(0, d=64, layers=3, n=512)
-    want = _slow_ed(params, model, calib, fmt)
-    got = _quantize(params, model, calib, fmt)
-    for name in model.blocks:
-      q = np.asarray(got[name]["fc"]["kernel"].dequantize())
-      same = np.mean(q == want[name])
-      # float32 pinv vs float64 lstsq may flip a value sitting on a rounding
-      # boundary; a wrong adjust or block rule changes far more.
-      self.assertGreater(same, 0.97, f"{name}: {same:.3f} of values equal")
-      rel = np.linalg.norm(q - want[name]) / np.linalg.norm(want[name])
-      self.assertLess(rel, 0.02)
+  @parameterized.parameters("weights", "feedback")
+  def test_gpfq_matches_slow_reference(self, scales):
+    fmt, scaling = presets.block_format("mxfp4")
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((96, 12))
+    x = rng.standard_normal((400, 96)) @ (
+      np.eye(96) + 0.3 * rng.standard_normal((96, 96)) / 10
+    )
+    xq = x + 0.05 * rng.standard_normal(x.shape)
+    want = _slow_gpfq_mxfp4(w, x, xq, scales)
+    got = ed.gpfq(
+      jnp.asarray(w, jnp.float32),
+      jnp.asarray(xq.T @ xq, jnp.float32),
+      jnp.asarray(xq.T @ x, jnp.float32),
+      fmt,
+      scaling,
+      scales=scales,
+    )
+    q = np.asarray(got.dequantize(), np.float64)
+    # float32 statistics vs float64 streams may flip a value on a rounding
+    # boundary, and a flip feeds back; a wrong scale rule changes far more.
+    self.assertGreater(np.mean(q == want), 0.99)
+    rel = np.linalg.norm(q - want) / np.linalg.norm(want)
+    self.assertLess(rel, 0.01)
+
+  @parameterized.parameters("mxfp4", "nvfp4")
+  def test_gpfq_feedback_scales_differ_from_weight_scales(self, name):
+    fmt, scaling = presets.block_format(name)
+    rng = np.random.default_rng(8)
+    w = jnp.asarray(rng.standard_normal((96, 12)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((400, 96)), jnp.float32)
+    xq = x + 0.3 * jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    g, c = xq.T @ xq, xq.T @ x
+    a = ed.gpfq(w, g, c, fmt, scaling)
+    b = ed.gpfq(w, g, c, fmt, scaling, scales="feedback")
+    # The first block sees no feedback yet, but its targets already differ
+    # from w (C != G); later blocks differ more.
+    differ = np.mean(np.asarray(a.scale) != np.asarray(b.scale))
+    self.assertGreater(differ, 0.05)
+    if name == "nvfp4":  # the second level stays W's, as for 'weights'
+      self.assertEqual(float(b.tensor_scale), float(a.tensor_scale))
+    self.assertLess(
+      float(jnp.linalg.norm(xq @ b.dequantize() - x @ w)),
+      float(
+        jnp.linalg.norm(xq @ qjax.rtn(w, fmt, scaling).dequantize() - x @ w)
+      ),
+    )
 
 
 class PropertyTest(parameterized.TestCase):

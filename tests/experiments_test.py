@@ -152,6 +152,10 @@ class BadInputTest(absltest.TestCase):
       smollm2_config.get_config("method=magr+gptq,block=0")
     ).rules[0]
     self.assertEqual(dict(rule.options)["magr_alpha"], 1e-3)
+    config = smollm2_config.get_config("method=gpfq,gpfq_scales=feedback")
+    rule = run_lib.recipe_from_config(config).rules[0]
+    self.assertEqual(dict(rule.options), {"scales": "feedback"})
+    self.assertTrue(config.name.endswith("_feedback"))
     rule = run_lib.recipe_from_config(
       mobilenet_config.get_config("format=mxfp4")
     ).rules[-1]

@@ -31,9 +31,17 @@ streams, `gpfq`: input rows t in order, each output column independently,
   u_t = u_{t-1} + w_t x_t - q_t x~_t,
 which depends on the data only through G and C:
   q_t = Q((sum_{s<=t} C_ts w_s - sum_{s<t} G_ts q_s) / G_tt).
-Its grid is fixed from W before the loop (as GPTQ's static groups); the
-notes' alternative (a block's E8M0 scale fixed from its fed-back values when
-the block starts) is not implemented.
+Where its grid comes from is the keyword `scales`:
+  'weights'   (default) from W before the loop, as GPTQ's static groups;
+  'feedback'  the notes' rule for MX: a block's scales are fixed when its
+              first row comes up, from the block's values after feedback.
+The notes do not say which feedback a later row of the block should count
+before it is reached. We take the state at the block's start for every row
+of the block (u_{b-1}: the rows before the block, float and quantized):
+  z0_t = (sum_{s<b} C_ts w_s - sum_{s<b} G_ts q_s + C_tt w_t) / G_tt,
+which is each row's target as if it came next; the grid is RTN's on z0.
+This reading is ours. 'weights' stays the default because it is what our
+GPFQ results in the README were measured with.
 """
 
 import functools
@@ -149,41 +157,102 @@ def bias_correction(b, w, q, mean_x, mean_xq) -> jax.Array:
   )
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4))
-def _gpfq(w, g, c, fmt, scaling):
-  n_in, n_out = w.shape
-  grid = rtn.block_scales(w, fmt, scaling)
-  scale = grid.scale_full
-  zero = grid.zero_full if grid.zero_full is not None else jnp.zeros_like(scale)
-  a = jnp.matmul(jnp.tril(c), w, precision=_HI)  # sum_{s<=t} C_ts w_s
-  diag = jnp.diag(g)
+GPFQ_SCALES = ("weights", "feedback")
+
+
+def _target(fed, g_tt, w_t):
+  """fed / G_tt; an input that never fires (G_tt = 0) keeps its weight."""
+  return jnp.where(g_tt > 0, fed / jnp.where(g_tt > 0, g_tt, 1.0), w_t)
+
+
+def _scale_and_zero(grid: rtn.Grid):
+  """The grid's per-element scale and zero point (zeros without one)."""
+  zero = grid.zero_full
+  return grid.scale_full, (
+    zero if zero is not None else jnp.zeros_like(grid.scale_full)
+  )
+
+
+def _gpfq_rows(state, rows, a, g, diag, w, fmt, grid: rtn.Grid):
+  """GPFQ over the input rows `rows` (a fori range) on `grid`, whose
+  per-element arrays [len, out] start at the range's first row."""
+  start = rows[0]
+  scale, zero = _scale_and_zero(grid)
 
   def row(t, state):
     codes, q = state
     fed = a[t] - jnp.matmul(g[t], q, precision=_HI)  # rows >= t of q are 0
-    z = jnp.where(diag[t] > 0, fed / jnp.where(diag[t] > 0, diag[t], 1.0), w[t])
-    s, zp = scale[t], zero[t]
+    z = _target(fed, diag[t], w[t])
+    s, zp = scale[t - start], zero[t - start]
     code = fmt.encode(jnp.where(s > 0, z / s, 0.0) + zp)
     value = (fmt.decode(code) - zp) * s
     return codes.at[t].set(code), q.at[t].set(value)
 
-  init = (
+  return jax.lax.fori_loop(rows[0], rows[1], row, state)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _gpfq(w, g, c, fmt, scaling, scales):
+  n_in, n_out = w.shape
+  a = jnp.matmul(jnp.tril(c), w, precision=_HI)  # sum_{s<=t} C_ts w_s
+  diag = jnp.diag(g)
+  state = (
     jnp.zeros((n_in, n_out), exmy.code_dtype(fmt.bits)),
     jnp.zeros((n_in, n_out), jnp.float32),
   )
-  codes, _ = jax.lax.fori_loop(0, n_in, row, init)
-  return (
-    packing.pack(codes, fmt.bits),
-    grid.stored,
-    grid.zero,
-    grid.tensor_scale,
+  if scales == "weights":
+    grid = rtn.block_scales(w, fmt, scaling)
+    codes, _ = _gpfq_rows(state, (0, n_in), a, g, diag, w, fmt, grid)
+    parts = grid.stored, grid.zero, grid.tensor_scale
+    return packing.pack(codes, fmt.bits), *parts
+  # 'feedback': blocks of `rows` input rows, each grid from z0 (module doc).
+  rows = scaling.block_shape(w.shape)[0]
+  full = jax.eval_shape(lambda v: rtn.block_scales(v, fmt, scaling), w)
+  one = jax.eval_shape(lambda v: rtn.block_scales(v, fmt, scaling), w[:rows])
+  stored = jnp.zeros(full.stored.shape, full.stored.dtype)
+  zeros = (
+    None if full.zero is None else jnp.zeros(full.zero.shape, full.zero.dtype)
   )
+  c_diag = jnp.diag(c)
+  tensor_scale = None  # NVFP4: measured once, from W, as 'weights' does
+  if scaling.tensor_scale:
+    tensor_scale = rtn.block_scales(w, fmt, scaling).tensor_scale
+  index = jnp.arange(n_in)
+
+  def block(b, carry):
+    state, stored, zeros = carry
+    first = b * rows
+    before = jnp.where((index < first)[:, None], w, 0.0)
+    take = lambda m: jax.lax.dynamic_slice_in_dim(m, first, rows)  # noqa: E731
+    fed = (
+      jnp.matmul(take(c), before, precision=_HI)
+      - jnp.matmul(take(g), state[1], precision=_HI)  # rows >= first are 0
+      + take(c_diag)[:, None] * take(w)
+    )
+    z0 = _target(fed, take(diag)[:, None], take(w))
+    grid = rtn.block_scales(z0, fmt, scaling, tensor_scale=tensor_scale)
+    state = _gpfq_rows(state, (first, first + rows), a, g, diag, w, fmt, grid)
+    at = b * one.stored.shape[0]
+    stored = jax.lax.dynamic_update_slice_in_dim(stored, grid.stored, at, 0)
+    if zeros is not None:
+      zeros = jax.lax.dynamic_update_slice_in_dim(zeros, grid.zero, at, 0)
+    return state, stored, zeros
+
+  (codes, _), stored, zeros = jax.lax.fori_loop(
+    0, n_in // rows, block, (state, stored, zeros)
+  )
+  return packing.pack(codes, fmt.bits), stored, zeros, tensor_scale
 
 
-def gpfq(w, g, c, fmt, scaling: Scaling) -> qtensor.QTensor:
+def gpfq(
+  w, g, c, fmt, scaling: Scaling, scales: str = "weights"
+) -> qtensor.QTensor:
   """GPFQ with a float and a quantized stream, from G and C (module doc).
 
-  Args as `error_diffusion`. Returns a QTensor of w's shape.
+  Args as `error_diffusion`, and `scales`: where the grid comes from,
+  'weights' (W, before the loop) or 'feedback' (each block of input rows
+  from its values after feedback when the block starts; our reading of the
+  notes' rule for MX, see the module doc). Returns a QTensor of w's shape.
   """
   w = exmy.as_float32(w, "w")
   g, c = jnp.asarray(g, jnp.float32), jnp.asarray(c, jnp.float32)
@@ -191,6 +260,15 @@ def gpfq(w, g, c, fmt, scaling: Scaling) -> qtensor.QTensor:
     raise ValueError(
       f"gpfq blocks run along the input axis 0; got {scaling.axes}"
     )
-  scaling.block_shape(w.shape)
-  parts = _gpfq(w, g, c, rtn._saturating(fmt), scaling)
+  if scales not in GPFQ_SCALES:
+    raise ValueError(
+      f"gpfq scales must be one of {GPFQ_SCALES}, got {scales!r}"
+    )
+  rows = scaling.block_shape(w.shape)[0]
+  if scales == "feedback" and w.shape[0] % rows:
+    raise ValueError(
+      f"gpfq scales='feedback' needs blocks that divide the {w.shape[0]} "
+      f"input rows; got blocks of {rows}"
+    )
+  parts = _gpfq(w, g, c, rtn._saturating(fmt), scaling, scales)
   return qtensor.from_parts(parts, fmt, scaling, w)

@@ -123,21 +123,27 @@ class Grid(NamedTuple):
 
 
 def block_scales(
-  x, fmt, scaling: Scaling, clip_ratios=(), shrink: float = 1.0
+  x,
+  fmt,
+  scaling: Scaling,
+  clip_ratios=(),
+  shrink: float = 1.0,
+  tensor_scale=None,
 ) -> Grid:
   """The RTN grid of x: block scales (and zero points) from its statistics.
 
   `shrink` (MagR's beta) multiplies the step after the range is measured:
   with a zero point the grid keeps its bottom at min(x) and clips the top,
   as the MagR authors' quantizer does; symmetric grids clip both ends.
+  `tensor_scale` (NVFP4's second level): given, it is used as it is instead
+  of being measured from x (GPFQ's blocks measure it once, from W).
   """
   shape = x.shape
   block_shape = scaling.block_shape(shape)
   expand = functools.partial(
     qtensor.expand_blocks, shape=shape, block_shape=block_shape
   )
-  tensor_scale = None
-  if scaling.tensor_scale:
+  if scaling.tensor_scale and tensor_scale is None:
     amax_t = jnp.max(jnp.abs(x))
     tensor_scale = divide(amax_t, element_max(fmt) * _E4M3.max)
     tensor_scale = jnp.where(tensor_scale > 0, tensor_scale, 1.0)
