@@ -276,6 +276,15 @@ class PropertyTest(parameterized.TestCase):
 
 
 class BadInputTest(absltest.TestCase):
+  def test_gpfq_scales_are_checked(self):
+    w, g = jnp.ones((48, 4)), jnp.eye(48)
+    fmt, scaling = presets.block_format("mxfp4")
+    with self.assertRaisesRegex(ValueError, "one of .'weights', 'feedback'"):
+      ed.gpfq(w, g, g, fmt, scaling, scales="inputs")
+    ragged = qjax.formats.scaling.Scaling("block", (0,), (32,), ragged=True)
+    with self.assertRaisesRegex(ValueError, "divide the 48 input rows"):
+      ed.gpfq(w, g, g, qjax.formats.get("int4"), ragged, scales="feedback")
+
   def test_rank_deficient_is_reported_not_nan(self):
     params, model, calib, _ = _mlp(3, d=64, n=40)  # 40 rows < 64 inputs
     recipe = qjax.Recipe([qjax.rule("fc/kernel", "mxfp4", method="ed")])
