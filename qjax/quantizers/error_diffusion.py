@@ -39,8 +39,9 @@ The notes do not say which feedback a later row of the block should count
 before it is reached. We take the state at the block's start for every row
 of the block (u_{b-1}: the rows before the block, float and quantized):
   z0_t = (sum_{s<b} C_ts w_s - sum_{s<b} G_ts q_s + C_tt w_t) / G_tt,
-which is each row's target as if it came next; the grid is RTN's on z0.
-This reading is ours. 'weights' stays the default because it is what our
+which is each row's target as if it came next; the grid is RTN's on z0
+(NVFP4's second-level tensor scale still comes from W). This reading is
+ours. 'weights' stays the default because it is what our
 GPFQ results in the README were measured with.
 """
 
