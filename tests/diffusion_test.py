@@ -196,6 +196,24 @@ class ReferenceTest(parameterized.TestCase):
 
 
 class PropertyTest(parameterized.TestCase):
+  @parameterized.parameters("weights", "feedback")
+  def test_gpfq_is_causal_and_takes_a_ragged_last_block(self, scales):
+    # Row t depends on rows <= t only, so the first 32 of 48 rows quantize
+    # as if the last 16 did not exist; those 16 form a short last block.
+    fmt = qjax.formats.get("int4")
+    ragged = qjax.formats.scaling.Scaling("block", (0,), (32,), ragged=True)
+    rng = np.random.default_rng(9)
+    w = jnp.asarray(rng.standard_normal((48, 6)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((300, 48)), jnp.float32)
+    xq = x + 0.3 * jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    g, c = xq.T @ xq, xq.T @ x
+    whole = ed.gpfq(w, g, c, fmt, ragged, scales=scales)
+    head = ed.gpfq(w[:32], g[:32, :32], c[:32, :32], fmt, ragged, scales)
+    np.testing.assert_array_equal(whole.scale[:1], head.scale)
+    np.testing.assert_array_equal(whole.dequantize()[:32], head.dequantize())
+    self.assertEqual(whole.scale.shape, (2, 6))
+    self.assertTrue(np.all(np.asarray(whole.scale) > 0))
+
   def test_adjust_lowers_the_calibration_error(self):
     params, model, calib, _ = _mlp(1)
     rtn = _quantize(params, model, calib, "mxfp4", method="rtn")
@@ -281,9 +299,6 @@ class BadInputTest(absltest.TestCase):
     fmt, scaling = presets.block_format("mxfp4")
     with self.assertRaisesRegex(ValueError, "one of .'weights', 'feedback'"):
       ed.gpfq(w, g, g, fmt, scaling, scales="inputs")
-    ragged = qjax.formats.scaling.Scaling("block", (0,), (32,), ragged=True)
-    with self.assertRaisesRegex(ValueError, "divide the 48 input rows"):
-      ed.gpfq(w, g, g, qjax.formats.get("int4"), ragged, scales="feedback")
 
   def test_rank_deficient_is_reported_not_nan(self):
     params, model, calib, _ = _mlp(3, d=64, n=40)  # 40 rows < 64 inputs

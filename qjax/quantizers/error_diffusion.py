@@ -209,7 +209,6 @@ def _gpfq(w, g, c, fmt, scaling, scales):
   # 'feedback': blocks of `rows` input rows, each grid from z0 (module doc).
   rows = scaling.block_shape(w.shape)[0]
   full = jax.eval_shape(lambda v: rtn.block_scales(v, fmt, scaling), w)
-  one = jax.eval_shape(lambda v: rtn.block_scales(v, fmt, scaling), w[:rows])
   stored = jnp.zeros(full.stored.shape, full.stored.dtype)
   zeros = (
     None if full.zero is None else jnp.zeros(full.zero.shape, full.zero.dtype)
@@ -219,12 +218,14 @@ def _gpfq(w, g, c, fmt, scaling, scales):
   if scaling.tensor_scale:
     tensor_scale = rtn.block_scales(w, fmt, scaling).tensor_scale
   index = jnp.arange(n_in)
+  per_block = jax.eval_shape(
+    lambda v: rtn.block_scales(v, fmt, scaling), w[:rows]
+  ).stored.shape[0]  # scale rows that one block of input rows stores
 
-  def block(b, carry):
+  def block(first, size, carry):
     state, stored, zeros = carry
-    first = b * rows
     before = jnp.where((index < first)[:, None], w, 0.0)
-    take = lambda m: jax.lax.dynamic_slice_in_dim(m, first, rows)  # noqa: E731
+    take = lambda m: jax.lax.dynamic_slice_in_dim(m, first, size)  # noqa: E731
     fed = (
       jnp.matmul(take(c), before, precision=_HI)
       - jnp.matmul(take(g), state[1], precision=_HI)  # rows >= first are 0
@@ -232,16 +233,23 @@ def _gpfq(w, g, c, fmt, scaling, scales):
     )
     z0 = _target(fed, take(diag)[:, None], take(w))
     grid = rtn.block_scales(z0, fmt, scaling, tensor_scale=tensor_scale)
-    state = _gpfq_rows(state, (first, first + rows), a, g, diag, w, fmt, grid)
-    at = b * one.stored.shape[0]
+    state = _gpfq_rows(state, (first, first + size), a, g, diag, w, fmt, grid)
+    at = first // rows * per_block
     stored = jax.lax.dynamic_update_slice_in_dim(stored, grid.stored, at, 0)
     if zeros is not None:
       zeros = jax.lax.dynamic_update_slice_in_dim(zeros, grid.zero, at, 0)
     return state, stored, zeros
 
-  (codes, _), stored, zeros = jax.lax.fori_loop(
-    0, n_in // rows, block, (state, stored, zeros)
+  n_full = n_in // rows
+  carry = jax.lax.fori_loop(
+    0,
+    n_full,
+    lambda b, carry: block(b * rows, rows, carry),
+    (state, stored, zeros),
   )
+  if n_in % rows:  # a ragged last block (scaling.ragged)
+    carry = block(n_full * rows, n_in % rows, carry)
+  (codes, _), stored, zeros = carry
   return packing.pack(codes, fmt.bits), stored, zeros, tensor_scale
 
 
@@ -264,12 +272,6 @@ def gpfq(
   if scales not in GPFQ_SCALES:
     raise ValueError(
       f"gpfq scales must be one of {GPFQ_SCALES}, got {scales!r}"
-    )
-  rows = scaling.block_shape(w.shape)[0]
-  if scales == "feedback" and w.shape[0] % rows:
-    raise ValueError(
-      f"gpfq scales='feedback' needs blocks that divide the {w.shape[0]} "
-      f"input rows; got blocks of {rows}"
     )
   parts = _gpfq(w, g, c, rtn._saturating(fmt), scaling, scales)
   return qtensor.from_parts(parts, fmt, scaling, w)
