@@ -213,6 +213,14 @@ class PropertyTest(parameterized.TestCase):
     np.testing.assert_array_equal(whole.dequantize()[:32], head.dequantize())
     self.assertEqual(whole.scale.shape, (2, 6))
     self.assertTrue(np.all(np.asarray(whole.scale) > 0))
+    # A weight shorter than one block (MobileNetV2's 16-channel convs) is
+    # one block of its own length.
+    parts = w[:16], g[:16, :16], c[:16, :16], fmt
+    short = ed.gpfq(*parts, ragged, scales)
+    exact = qjax.formats.scaling.Scaling("block", (0,), (16,))
+    np.testing.assert_array_equal(
+      short.dequantize(), ed.gpfq(*parts, exact, scales).dequantize()
+    )
 
   def test_adjust_lowers_the_calibration_error(self):
     params, model, calib, _ = _mlp(1)

@@ -241,12 +241,11 @@ def _gpfq(w, g, c, fmt, scaling, scales):
     return state, stored, zeros
 
   n_full = n_in // rows
-  carry = jax.lax.fori_loop(
-    0,
-    n_full,
-    lambda b, carry: block(b * rows, rows, carry),
-    (state, stored, zeros),
-  )
+  carry = (state, stored, zeros)
+  if n_full:  # (its body would not trace for a weight shorter than a block)
+    carry = jax.lax.fori_loop(
+      0, n_full, lambda b, carry: block(b * rows, rows, carry), carry
+    )
   if n_in % rows:  # a ragged last block (scaling.ragged)
     carry = block(n_full * rows, n_in % rows, carry)
   (codes, _), stored, zeros = carry
