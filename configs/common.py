@@ -1,122 +1,164 @@
 """Shared pieces of the experiment configs (big_vision style).
 
-A config is flat: `format`, `block`, `scale_format`, `clip_ratios`, ... The
-recipe is built from those fields when the run starts (so command-line
-overrides such as --config.block=64 take effect), unless `recipe` is set to a
-full rule list (see qjax.Recipe.from_config).
+Every experiment config has the same fields:
+  model, method     'rtn', 'gptq', 'magr+gptq', 'pipe', 'ed', 'qaf', ...
+                    (a '+'-joined method name, qjax.methods.names).
+  bits, zero_point  the grid: intN (symmetric) or, with zero_point, uintN
+                    (asymmetric min-max); `format` overrides both ('nf4',
+                    'mxfp4', 'nvfp4', 'e2m3', ...).
+  block, block_axis, scale_format, clip_ratios, ragged
+                    scale sharing; block 0 = one scale per output channel.
+  rtn, gptq, magr, cd, pipe, ed, gpfq, qaf, ftq
+                    each method's own knobs, nested (config.gptq.damp,
+                    config.magr.alpha); 0 / -1 where marked means "the
+                    authors' default for this grid" (experiments.run_lib).
+  recipe            None, or {'rules': [...]} to override all of the above
+                    (qjax.Recipe.from_config).
+  name              '' = derived from the fields when the run starts, so
+                    every override renames the run.
+
+`get_config(arg)` of each model config takes 'key=value,key=value': a key
+is a field path ('gptq.damp=0.02', 'bits=3') or one of the short names in
+ALIASES ('act_order=true' sets gptq.act_order), typed like the field.
+--config.<path>=value on the command line sets the same fields, so
+':method=rtn' and '--config.method=rtn' give the same run.
 """
 
 import ml_collections
 
+# Short names for the nested fields (what the README's commands use).
+ALIASES = {
+  "act_order": ("gptq.act_order",),
+  "damp": ("gptq.damp",),
+  "magr_statistics": ("magr.statistics",),
+  "shrink": ("magr.shrink",),
+  "cd_sweeps": ("cd.sweeps",),
+  "order": ("pipe.order",),
+  "keep": ("pipe.keep",),
+  "adjust": ("ed.adjust",),
+  "gpfq_scales": ("gpfq.scales",),
+  "rate": ("qaf.rate", "ftq.rate"),
+  "qaf_sweeps": ("qaf.sweeps",),
+  "qaf_inner": ("qaf.inner",),
+  "windows": ("eval.windows",),
+  "window": ("eval.window", "calib.window"),
+  "calib_windows": ("calib.windows",),
+  "sentences": ("eval.sentences",),
+  "calib_sentences": ("calib.sentences",),
+  "crops_per_photo": ("eval.crops_per_photo",),
+  "calib_images": ("calib.images",),
+}
 
-def parse_arg(arg: str | None, defaults: dict) -> dict:
-  """'method=rtn,bits=4,block=128' -> dict, typed like `defaults`."""
-  out = dict(defaults)
+
+def base_config(model: str) -> ml_collections.ConfigDict:
+  """The fields every experiment has (module docstring)."""
+  c = ml_collections.ConfigDict()
+  c.model = model
+  c.name = ""
+  c.method = "rtn"
+  c.bits = 4
+  c.zero_point = False
+  c.format = ""  # '' = intN / uintN from bits and zero_point
+  c.block = 128  # 0: one scale per output channel
+  # Blocks run along the input (contraction) axis: -2 of a Dense kernel
+  # [in, out] and of a conv kernel [kh, kw, in, out].
+  c.block_axis = -2
+  c.scale_format = "float32"
+  c.clip_ratios = ()
+  c.ragged = True  # a short last block where the block does not divide
+  c.layers = 0  # 0: the whole model; >0: a slice for tests
+  # Kernels a calibrated method cannot see (a CNN's 3x3 and depthwise convs)
+  # take RTN on the same grid ahead of the main rule ('' = none).
+  c.rtn_pattern = ""
+  # Kernels qaf / ftq factorize (a model config narrows it).
+  c.factor_pattern = "kernel"
+  c.rtn = {"rounding": "nearest_even"}
+  c.gptq = {"block_size": 128, "damp": 0.01, "act_order": False}
+  # MagR: 0 = the authors' default for the grid (alpha 1e-3 per channel /
+  # 1e-4 per group, 200 / 150 iterations, the quantizer's group, the grid
+  # step shrunk by 0.8 / 0.9 / 1.0 at 2 / 3 / >= 4 bits).
+  c.magr = {
+    "alpha": 0.0,
+    "iters": 0,
+    "group_size": 0,
+    "statistics": "hessian",
+    "shrink": 0.0,
+  }
+  # Coordinate descent after GPTQ in 'magr+gptq' (-1: 30 sweeps at 2
+  # bits, else 1, the authors' default).
+  c.cd = {"sweeps": -1, "damp": 0.75}
+  c.pipe = {"order": 2, "keep": 1.0, "rank_by": "residual"}
+  c.ed = {"adjust": "lstsq"}
+  c.gpfq = {"scales": "weights"}
+  # QAF's sweep and ADMM-step caps: the authors' are 5000 and 1000; ours are
+  # what 2 cores afford (docs/qaf.md).
+  c.qaf = {"rate": 2.0, "sweeps": 20, "inner": 60}
+  c.ftq = {"rate": 2.0}
+  c.recipe = None
+  c.save_checkpoint = True
+  return c
+
+
+def _parse(value: str, like):
+  if isinstance(like, bool):
+    if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+      raise ValueError(f"{value!r} is not a boolean")
+    return value.lower() in ("1", "true", "yes")
+  if isinstance(like, tuple):
+    return tuple(float(v) for v in value.split("/") if v)
+  if isinstance(like, int):
+    return int(value)
+  if isinstance(like, float):
+    return float(value)
+  return value
+
+
+def _field_paths(c, prefix="") -> list[str]:
+  out = []
+  for key, value in c.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      out += _field_paths(value, path + ".")
+    else:
+      out.append(path)
+  return out
+
+
+def set_field(c: ml_collections.ConfigDict, path: str, value: str) -> None:
+  """Sets the field at dotted `path` from a string, typed like its value."""
+  *parents, last = path.split(".")
+  node = c
+  for p in parents:
+    node = node[p]
+  like = node[last]
+  node[last] = value if like is None else _parse(value, like)
+
+
+def apply_arg(c: ml_collections.ConfigDict, arg: str | None):
+  """Applies 'key=value,...' (field paths or ALIASES) to `c`; returns c.
+
+  Raises:
+    ValueError: an item that is not key=value, or an unknown key (listing
+      the valid ones).
+  """
   if not arg:
-    return out
+    return c
+  paths = _field_paths(c)
   for item in arg.split(","):
     if "=" not in item:
       raise ValueError(f"config argument {item!r} is not key=value")
     key, value = item.split("=", 1)
-    if key not in defaults:
+    targets = ALIASES.get(key, (key,))
+    if not all(t in paths for t in targets):
       raise ValueError(
-        f"unknown config argument {key!r}; choices: {', '.join(defaults)}"
+        f"unknown config argument {key!r}; choices: "
+        + ", ".join(
+          sorted(
+            set(paths)
+            | {a for a in ALIASES if all(t in paths for t in ALIASES[a])}
+          )
+        )
       )
-    kind = type(defaults[key])
-    if kind is bool:
-      out[key] = value.lower() in ("1", "true", "yes")
-    elif kind is tuple:
-      out[key] = tuple(float(v) for v in value.split("/") if v)
-    else:
-      out[key] = kind(value)
-  return out
-
-
-def base_config(model: str, args: dict) -> ml_collections.ConfigDict:
-  """The fields every experiment has; `args` come from parse_arg."""
-  c = ml_collections.ConfigDict()
-  c.model = model
-  c.method = args["method"]
-  # bits=N gives intN (symmetric) or, with zero_point, uintN (asymmetric
-  # min-max, as the GPTQ and MagR papers quantize); format overrides both.
-  kind = "uint" if args["zero_point"] else "int"
-  c.format = args["format"] or f"{kind}{args['bits']}"
-  c.block = args["block"]  # 0: one scale per output channel
-  # Blocks run along the input (contraction) axis: -2 of a Dense kernel
-  # [in, out] and of a conv kernel [kh, kw, in, out].
-  c.block_axis = -2
-  c.scale_format = args["scale_format"]
-  c.clip_ratios = args["clip_ratios"]
-  c.ragged = True  # a short last block where the block does not divide
-  c.layers = args["layers"]  # 0: the whole model; >0: a slice for tests
-  c.magr_statistics = args["magr_statistics"]
-  c.shrink = args["shrink"]
-  c.cd_sweeps = args["cd_sweeps"]
-  c.order = args["order"]  # pipe: residual terms per weight
-  c.keep = args["keep"]  # pipe: fraction of channels orders >= 2 keep
-  c.adjust = args["adjust"]  # ed: the adjust step (error_diffusion.ADJUSTS)
-  c.gpfq_scales = args["gpfq_scales"]  # gpfq: 'weights' or 'feedback' grids
-  # qaf / ftq (CP factorization, qjax.transforms.cp_layers): compression
-  # rate and QAF's caps; the model config sets which kernels (factor_pattern).
-  c.rate = args["rate"]
-  c.qaf_sweeps = args["qaf_sweeps"]
-  c.qaf_inner = args["qaf_inner"]
-  c.factor_pattern = "kernel"
-  c.recipe = None  # or {'rules': [...]} to override the flat fields
-  c.save_checkpoint = True
-  c.name = (
-    f"{model}_{c.method}_{c.format}"
-    + (
-      f"_g{c.block}"
-      if c.block and not c.format.startswith(("mx", "nv", "bfp"))
-      else ""
-    )
-    + (f"_o{c.order}" if c.method.endswith("pipe") else "")
-    + (f"_k{c.keep:g}" if c.method.endswith("pipe") and c.keep < 1 else "")
-    + (f"_{c.adjust}" if c.method == "ed" and c.adjust != "lstsq" else "")
-    + (
-      f"_{c.gpfq_scales}"
-      if c.method == "gpfq" and c.gpfq_scales != "weights"
-      else ""
-    )
-    + (f"_rate{c.rate:g}" if c.method in ("qaf", "ftq") else "")
-    + ("_clip" if c.clip_ratios else "")
-    + ("_last" if c.magr_statistics == "last_sample" else "")
-    + (f"_beta{c.shrink:g}" if c.shrink else "")
-    + (f"_cd{c.cd_sweeps}" if c.cd_sweeps >= 0 else "")
-  )
+    for t in targets:
+      set_field(c, t, value)
   return c
-
-
-DEFAULTS = {
-  "method": "rtn",
-  "bits": 4,
-  "format": "",
-  "zero_point": False,
-  "block": 128,
-  "scale_format": "float32",
-  "clip_ratios": (),
-  "layers": 0,
-  # MagR (magr+rtn, magr+gptq): which statistics it sees ('hessian' or
-  # 'last_sample'), grid shrink beta (0: by bit width), coordinate-descent
-  # sweeps after GPTQ (-1: by bit width); see experiments.run_lib.
-  "magr_statistics": "hessian",
-  "shrink": 0.0,
-  "cd_sweeps": -1,
-  # PIPE (pipe, magr+pipe, gptq+pipe): expansion order and the fraction of
-  # output channels each order >= 2 keeps (qjax.transforms.residual).
-  "order": 2,
-  "keep": 1.0,
-  # Error Diffusion (ed): the adjust step, 'lstsq' (our reading of the
-  # paper), 'rescale' or 'bias' (qjax.quantizers.error_diffusion).
-  "adjust": "lstsq",
-  # GPFQ (gpfq): where each block's grid comes from, 'weights' (W before the
-  # loop) or 'feedback' (its values after feedback when the block starts).
-  "gpfq_scales": "weights",
-  # QAF / factorize-then-quantize (qaf, ftq): the compression rate, and
-  # QAF's sweep and ADMM-step caps (the authors': 5000 and 1000; ours are
-  # what 2 cores afford, see the README's QAF section).
-  "rate": 2.0,
-  "qaf_sweeps": 20,
-  "qaf_inner": 60,
-}

@@ -10,10 +10,10 @@ from configs import common
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, {**common.DEFAULTS, "block": 0})
-  c = common.base_config("fmnist_cnn", args)
+  c = common.base_config("fmnist_cnn")
+  c.block = 0
   c.eval = {}
   # qaf / ftq factorize conv2 and dense1; conv1 and the classifier stay
   # float, as the QAF authors keep ResNet's stem and fc.
   c.factor_pattern = r"^(conv2|dense1)/kernel$"
-  return c
+  return common.apply_arg(c, arg)

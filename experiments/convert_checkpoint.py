@@ -89,7 +89,7 @@ def run(config, output: str) -> dict:
   block structure come from experiments.tasks.
   """
   from experiments import run_lib, tasks
-  from qjax import convert, sources
+  from qjax.io import convert, sources
 
   recipe = run_lib.recipe_from_config(config)
   source = sources.open_source(source_path(config.source), config.layout)
@@ -151,7 +151,7 @@ def main(argv):
   import jax
 
   if _DEQUANTIZE.value:
-    from qjax import convert
+    from qjax.io import convert
 
     if not _INPUT.value:
       raise app.UsageError("--dequantize needs --input")

@@ -33,8 +33,8 @@ def run(config, groups, workdir) -> dict:
 
   import qjax
   from experiments import run_lib, tasks
-  from qjax import ensemble
-  from qjax import eval as qeval
+  from qjax import metrics as qmetrics
+  from qjax.linen import ensemble
   from qjax.models import minilm
 
   if config.model != "minilm" or not config.method.endswith("pipe"):
@@ -77,12 +77,12 @@ def run(config, groups, workdir) -> dict:
     out[combine] = {
       "max_abs_diff_parallel_vs_single": float(np.abs(parallel - single).max()),
       "cosine_to_float": float(
-        qeval.cosine_similarity(parallel, reference).mean()
+        qmetrics.cosine_similarity(parallel, reference).mean()
       ),
     }
   first = np.asarray(jax.jit(embed)(qjax.dequantize(members[0]), ids, mask))
   out["member0_alone_cosine"] = float(
-    qeval.cosine_similarity(first, reference).mean()
+    qmetrics.cosine_similarity(first, reference).mean()
   )
   out["members"] = []
   for m in members:

@@ -30,10 +30,10 @@ import numpy as np
 from absl import app, flags
 
 import qjax
-from qjax import eval as qeval
+from qjax import metrics as qmetrics
 from qjax.formats.scaling import per_channel
+from qjax.linen import factorized as cp_layers
 from qjax.models import fmnist_cnn, mobilenet_v2
-from qjax.transforms import cp_layers
 
 if __name__ == "__main__":
   flags.DEFINE_string("models", "fmnist_cnn,mobilenet_v2", "models")
@@ -86,8 +86,8 @@ class FashionMnist:
     del recalibrate  # no BatchNorm in this CNN
     out = self._logits(params)
     return {
-      "accuracy": qeval.accuracy(out, self.y),
-      "kl": qeval.kl_divergence(self.ref, out),
+      "accuracy": qmetrics.accuracy(out, self.y),
+      "kl": qmetrics.kl_divergence(self.ref, out),
     }
 
 
@@ -116,8 +116,8 @@ class MobileNet:
     stats = self._recal(self._vars(params), self.calib) if recalibrate else None
     out = np.asarray(self._forward(self._vars(params, stats), self.images))
     return {
-      "top1_agreement": qeval.top1_agreement(self.ref, out),
-      "kl": qeval.kl_divergence(self.ref, out),
+      "top1_agreement": qmetrics.top1_agreement(self.ref, out),
+      "kl": qmetrics.kl_divergence(self.ref, out),
     }
 
 

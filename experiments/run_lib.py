@@ -15,13 +15,27 @@ import shutil
 import time
 
 import qjax
+from configs import common
 from experiments import tasks
-from qjax import checkpoint, formats
-from qjax import eval as qeval
-from qjax import recipe as recipe_lib
+from qjax import formats
+from qjax import metrics as qmetrics
+from qjax.io import checkpoint
 
-# Every recipe method but 'skip' (a config quantizes all kernels one way).
-METHODS = tuple(m for m in recipe_lib.METHODS if m != "skip")
+# The config's method names (configs/common.py) and the stages they run.
+METHODS = {
+  "rtn": ("rtn",),
+  "gptq": ("gptq",),
+  "magr+rtn": ("magr", "rtn"),
+  "magr+gptq": ("magr", "gptq", "cd"),
+  "pipe": ("rtn", "pipe"),
+  "magr+pipe": ("magr", "rtn", "pipe"),
+  "gptq+pipe": ("gptq", "pipe"),
+  "ed": ("ed",),
+  "gpfq": ("gpfq",),
+  "qaf": ("qaf",),
+  "ftq": ("ftq",),
+}
+FACTORIZED = ("qaf", "ftq")
 CSV_FIELDS = (
   "name",
   "model",
@@ -36,120 +50,186 @@ CSV_FIELDS = (
 )
 
 
-def magr_options(config) -> dict:
-  """MagR's defaults from the authors' code, by bit width and granularity.
-
-  alpha 1e-3 per channel / 1e-4 per group, 200 / 150 iterations, the
-  l-inf per group of the quantizer's group size (a short last group where
-  it does not divide), grid step shrunk by beta = 0.8 / 0.9 / 1.0 at 2 / 3
-  / >= 4 bits, and for magr+gptq coordinate-descent sweeps after GPTQ (30 at
-  2 bits, else 1). Config fields shrink (> 0) and cd_sweeps (>= 0)
-  override; magr_statistics picks 'hessian' or 'last_sample'.
-  """
-  if formats.is_block_format(config.format):
-    fmt, scaling = formats.block_format(config.format)
-    bits, group = fmt.bits, scaling.sizes[0]
-  else:
-    bits, group = formats.get(config.format).bits, config.block or None
-  options = {
-    "magr_alpha": 1e-4 if group else 1e-3,
-    "magr_iters": 150 if group else 200,
-    "magr_group_size": group,
-    "magr_statistics": config.get("magr_statistics", "hessian"),
-    "shrink": {2: 0.8, 3: 0.9}.get(bits, 1.0),
-  }
-  if config.get("shrink", 0.0) > 0:
-    options["shrink"] = float(config.shrink)
-  if config.method == "magr+gptq":
-    sweeps = config.get("cd_sweeps", -1)
-    options["cd_sweeps"] = sweeps if sweeps >= 0 else (30 if bits == 2 else 1)
-  return options
+def format_name(config) -> str:
+  """config.format, or intN / uintN from bits and zero_point."""
+  kind = "uint" if config.zero_point else "int"
+  return config.format or f"{kind}{config.bits}"
 
 
-def recipe_from_config(config) -> qjax.Recipe:
-  """The config's explicit recipe, or one rule for every Dense/conv kernel."""
-  if config.get("recipe"):
-    return qjax.Recipe.from_config(config.recipe)
+def _grid(config) -> tuple[int, int | None]:
+  """(element bits, block size or None) of the config's grid."""
+  name = format_name(config)
+  if formats.is_block_format(name):
+    fmt, scaling = formats.block_format(name)
+    return fmt.bits, scaling.sizes[0]
+  return formats.get(name).bits, config.block or None
+
+
+def _stages(config) -> tuple[str, ...]:
   if config.method not in METHODS:
     raise ValueError(
       f"unknown method {config.method!r}; choices: {', '.join(METHODS)}"
     )
-  if config.method in recipe_lib.FACTORIZED:
+  return METHODS[config.method]
+
+
+def stage_options(config) -> dict:
+  """{stage: options} for the config's method, MagR's and coordinate
+  descent's authors' defaults filled in for the grid.
+
+  MagR: alpha 1e-3 per channel / 1e-4 per group, 200 / 150 iterations, the
+  l-inf per group of the quantizer's group size (a short last group where
+  it does not divide), grid step shrunk by beta = 0.8 / 0.9 / 1.0 at 2 / 3
+  / >= 4 bits; magr+gptq ends in coordinate-descent sweeps (30 at 2 bits,
+  else 1). A config value > 0 (sweeps >= 0) overrides each default.
+  """
+  stages = _stages(config)
+  bits, group = _grid(config)
+  out = {}
+  for stage in stages:
+    if stage not in FACTORIZED:
+      out[stage] = dict(config[stage].to_dict())
+  for stage in ("rtn", "gptq"):
+    if stage in out and config.clip_ratios:
+      out[stage]["clip_ratios"] = tuple(config.clip_ratios)
+  if "magr" in stages:
+    m = out["magr"]
+    shrink = m.pop("shrink") or {2: 0.8, 3: 0.9}.get(bits, 1.0)
+    m["alpha"] = m["alpha"] or (1e-4 if group else 1e-3)
+    m["iters"] = m["iters"] or (150 if group else 200)
+    m["group_size"] = m["group_size"] or group
+    if "pipe" not in stages:  # the expansion's orders refine a full grid
+      quantizer = "gptq" if "gptq" in stages else "rtn"
+      out[quantizer]["shrink"] = shrink
+  if "cd" in stages and out["cd"]["sweeps"] < 0:
+    out["cd"]["sweeps"] = 30 if bits == 2 else 1
+  for stage in FACTORIZED:
+    if stage in stages:
+      out[stage] = dict(config[stage].to_dict())
+  return out
+
+
+def _rule(pattern, fmt, scaling, method, options, ragged=None) -> dict:
+  rule = {"pattern": pattern, "format": fmt, "method": method}
+  if scaling is not None:
+    rule["scaling"] = scaling
+  if ragged is not None:
+    rule["ragged"] = ragged
+  stages = method.split("+")
+  rule["options"] = options[stages[0]] if len(stages) == 1 else options
+  return rule
+
+
+def recipe_config(config) -> dict:
+  """The recipe the config's fields describe, as qjax.Recipe.from_config
+  reads it (config.recipe, when set, is returned instead)."""
+  if config.get("recipe"):
+    return (
+      config.recipe.to_dict()
+      if hasattr(config.recipe, "to_dict")
+      else dict(config.recipe)
+    )
+  stages = _stages(config)
+  method = "+".join(stages)
+  options = stage_options(config)
+  name = format_name(config)
+  if config.method in FACTORIZED:
     # One scale per CP factor (the authors' grid); no blocks, no RTN rule.
-    options = {"rate": float(config.rate)}
-    if config.method == "qaf":
-      options.update(sweeps=int(config.qaf_sweeps), inner=int(config.qaf_inner))
-    return qjax.Recipe(
-      (
-        qjax.rule(
-          config.get("factor_pattern", "kernel"),
-          config.format,
-          method=config.method,
-          **options,
-        ),
-      )
-    )
-  options = {}
-  if config.clip_ratios:
-    options["clip_ratios"] = tuple(config.clip_ratios)
-  if "gptq" in config.method:
-    options["act_order"] = bool(config.get("act_order", False))
-  if config.method == "ed":
-    options["adjust"] = config.get("adjust", "lstsq")
-  if config.method == "gpfq":
-    options["scales"] = config.get("gpfq_scales", "weights")
-  if config.method.endswith("pipe"):
-    options["pipe_order"] = int(config.order)
-    options["pipe_keep"] = float(config.keep)
-  if config.method.startswith("magr+"):
-    options.update(magr_options(config))
-    if config.method.endswith("pipe"):
-      options.pop("shrink")  # the expansion's orders refine a full grid
-  axis = config.get("block_axis", -2)
-  # Layers a calibrated method cannot see (a CNN's 3x3 and depthwise convs)
-  # take RTN on the same grid, ahead of the main rule. Their input axis (3
-  # or 1 channels) holds no 32-element block: with a block format they take
-  # its elements with one float32 scale per output channel, for every
-  # method (RTN too, so the comparison stays fair).
-  data_free = config.get("rtn_pattern", "")
-  clip = (
-    {"clip_ratios": options["clip_ratios"]} if "clip_ratios" in options else {}
-  )
-  if formats.is_block_format(config.format):
-    element, scaling = formats.block_format(config.format, axis)
-    if config.get("ragged", False):
-      # A channel count that is no multiple of the block (MobileNetV2's 16
-      # and 24) ends in a short block, as the MX spec's zero padding would.
-      scaling = formats.Scaling(**{**scaling.to_dict(), "ragged": True})
-    rule = qjax.rule(
-      "kernel", element, scaling, method=config.method, **options
-    )
-    first = (
-      (qjax.rule(data_free, element, formats.per_channel(-1), **clip),)
-      if data_free
-      else ()
-    )
-    return qjax.Recipe((*first, rule))
-  if config.method == "rtn":
-    data_free = ""
+    return {
+      "rules": [_rule(config.factor_pattern, name, None, method, options)]
+    }
+  axis = config.block_axis
+  data_free = config.rtn_pattern if config.method != "rtn" else ""
+  rtn_options = {"rtn": {"clip_ratios": tuple(config.clip_ratios)}}
+  rules = []
+  if formats.is_block_format(name):
+    # A channel count that is no multiple of the block (MobileNetV2's 16
+    # and 24) ends in a short block, as the MX spec's zero padding would.
+    main = {
+      **_rule("kernel", name, None, method, options, config.ragged),
+      "axis": axis,
+    }
+    if data_free:
+      # Layers a calibrated method cannot see (a CNN's 3x3 and depthwise
+      # convs, whose input axis of 3 or 1 channels holds no block) take the
+      # block format's elements with one float32 scale per output channel,
+      # for every method (RTN too, so the comparison stays fair).
+      element, _ = formats.block_format(name)
+      channel = {"mode": "channel", "axes": (-1,)}
+      rules.append(_rule(data_free, element, channel, "rtn", rtn_options))
+    return {"rules": [*rules, main]}
   if config.block:
-    scaling = formats.per_block(
-      config.block,
-      axis=axis,
-      scale_format=config.scale_format,
-      ragged=config.ragged,
-    )
+    scaling = {
+      "mode": "block",
+      "axes": (axis,),
+      "sizes": (config.block,),
+      "ragged": config.ragged,
+    }
   else:
-    scaling = formats.per_channel(-1, scale_format=config.scale_format)
-  if config.format.startswith("uint"):
-    scaling = formats.Scaling(**{**scaling.to_dict(), "zero_point": True})
-  rule = qjax.rule(
-    "kernel", config.format, scaling, method=config.method, **options
-  )
-  first = (
-    (qjax.rule(data_free, config.format, scaling, **clip),) if data_free else ()
-  )
-  return qjax.Recipe((*first, rule))
+    scaling = {"mode": "channel", "axes": (-1,)}
+  scaling["scale_format"] = config.scale_format
+  scaling["zero_point"] = name.startswith("uint")
+  if data_free:
+    rules.append(_rule(data_free, name, scaling, "rtn", rtn_options))
+  return {"rules": [*rules, _rule("kernel", name, scaling, method, options)]}
+
+
+def recipe_from_config(config) -> qjax.Recipe:
+  """The config's recipe (qjax.Recipe.from_config of recipe_config)."""
+  return qjax.Recipe.from_config(recipe_config(config))
+
+
+def run_name(config) -> str:
+  """config.name, or one derived from every field a run depends on."""
+  if config.name:
+    return config.name
+  stages = _stages(config)
+  name = format_name(config)
+  out = f"{config.model}_{config.method}_{name}"
+  if config.block and not formats.is_block_format(name):
+    out += f"_g{config.block}"
+  if config.scale_format != "float32":
+    out += f"_{config.scale_format}"
+  if "pipe" in stages:
+    out += f"_o{config.pipe.order}"
+    if config.pipe.keep < 1:
+      out += f"_k{config.pipe.keep:g}"
+  if "ed" in stages and config.ed.adjust != "lstsq":
+    out += f"_{config.ed.adjust}"
+  if "gpfq" in stages and config.gpfq.scales != "weights":
+    out += f"_{config.gpfq.scales}"
+  for stage in FACTORIZED:
+    if stage in stages:
+      out += f"_rate{config[stage].rate:g}"
+  if config.clip_ratios:
+    out += "_clip"
+  if "magr" in stages:
+    if config.magr.statistics == "last_sample":
+      out += "_last"
+    if config.magr.shrink:
+      out += f"_beta{config.magr.shrink:g}"
+  if "cd" in stages and config.cd.sweeps >= 0:
+    out += f"_cd{config.cd.sweeps}"
+  # Any other method knob off its default names itself.
+  defaults = common.base_config(config.model)
+  handled = {
+    ("pipe", "order"),
+    ("pipe", "keep"),
+    ("ed", "adjust"),
+    ("gpfq", "scales"),
+    ("qaf", "rate"),
+    ("ftq", "rate"),
+    ("magr", "statistics"),
+    ("magr", "shrink"),
+    ("cd", "sweeps"),
+  }
+  for stage in stages:
+    for key, value in config[stage].items():
+      if (stage, key) not in handled and value != defaults[stage][key]:
+        out += f"_{stage}-{key}{value}"
+  if config.layers:
+    out += f"_layers{config.layers}"
+  return out
 
 
 _FLOAT_CACHE = {}
@@ -196,17 +276,17 @@ def run(config, workdir) -> dict:
     p: s for p, s in qjax.stats(qparams, params).items() if s["quantized"]
   }
   metrics = {
-    "name": config.name,
+    "name": run_name(config),
     "model": config.model,
     "method": config.method,
-    "format": config.format,
+    "format": format_name(config),
     "recipe": repr(recipe),
     "float": float_scores,
     "quantized": q_scores,
     "quality_metric": task.quality,
-    "bits_per_weight": qeval.quantized_bits_per_weight(qparams),
-    "float_bytes": qeval.model_bytes(params),
-    "quantized_bytes": qeval.model_bytes(qparams),
+    "bits_per_weight": qmetrics.quantized_bits_per_weight(qparams),
+    "float_bytes": qmetrics.model_bytes(params),
+    "quantized_bytes": qmetrics.model_bytes(qparams),
     "quantize_seconds": seconds,
     "layers": layer_stats,
   }

@@ -64,8 +64,9 @@ def sweep(entries, workdir, checkpoints=False) -> list[dict]:
   for entry in entries:
     config = load_config(entry)
     config.save_checkpoint = checkpoints
-    print(f"== {entry} -> {config.name}", flush=True)
-    metrics = run_lib.run(config, workdir / config.name)
+    name = run_lib.run_name(config)
+    print(f"== {entry} -> {name}", flush=True)
+    metrics = run_lib.run(config, workdir / name)
     run_lib._append_csv(
       workdir / "results.csv", metrics, run_lib.tasks.get(config.model)
     )

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax import datasets
-from qjax import eval as qeval
+from qjax import metrics as qmetrics
 from qjax.models import fmnist_cnn, minilm, mobilenet_v2, smollm2
 
 
@@ -30,7 +30,7 @@ class SmolLM2Task:
     need = window * count
     text = datasets.kjv_text()
     ids = smollm2.tokenizer().encode(text[: 8 * need]).ids  # ~4 chars/token
-    return qeval.token_windows(ids, window, count)
+    return qmetrics.token_windows(ids, window, count)
 
   def reference(self, params, config):
     return None
@@ -43,12 +43,12 @@ class SmolLM2Task:
     window, count = config.calib.window, config.calib.windows
     text = datasets.kjv_text()
     ids = smollm2.tokenizer().encode(text[-8 * window * count :]).ids
-    windows = qeval.token_windows(ids, window, count, from_end=True)
+    windows = qmetrics.token_windows(ids, window, count, from_end=True)
     return [jnp.asarray(w[None]) for w in windows]
 
   def score(self, params, config, reference):
     windows = self._windows(config.eval.window, config.eval.windows)
-    ppl = qeval.perplexity(lambda w: smollm2.logits(params, w), windows)
+    ppl = qmetrics.perplexity(lambda w: smollm2.logits(params, w), windows)
     return {"perplexity": ppl}
 
 
@@ -103,7 +103,7 @@ class MiniLMTask:
     return self._embed(params, config)
 
   def score(self, params, config, reference):
-    cos = qeval.cosine_similarity(self._embed(params, config), reference)
+    cos = qmetrics.cosine_similarity(self._embed(params, config), reference)
     return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
 
 
@@ -140,8 +140,8 @@ class MobileNetV2Task:
   def score(self, params, config, reference):
     out = self._logits(params, config)
     return {
-      "top1_agreement": qeval.top1_agreement(reference, out),
-      "kl": qeval.kl_divergence(reference, out),
+      "top1_agreement": qmetrics.top1_agreement(reference, out),
+      "kl": qmetrics.kl_divergence(reference, out),
     }
 
 
@@ -167,8 +167,8 @@ class FashionMnistTask:
     x, y = self._test()
     out = np.asarray(fmnist_cnn.logits(params, x))
     return {
-      "accuracy": qeval.accuracy(out, y),
-      "top1_agreement": qeval.top1_agreement(reference, out),
+      "accuracy": qmetrics.accuracy(out, y),
+      "top1_agreement": qmetrics.top1_agreement(reference, out),
     }
 
 

@@ -11,7 +11,7 @@ from absl import app, flags
 from flax import serialization
 from tqdm.auto import tqdm
 
-from qjax import eval as qeval
+from qjax import metrics as qmetrics
 from qjax.models import fmnist_cnn
 
 _EPOCHS = flags.DEFINE_integer("epochs", 2, "passes over the training set")
@@ -50,7 +50,7 @@ def main(argv):
       )
       bar.set_postfix(loss=f"{float(loss):.3f}")
   xt, yt = fmnist_cnn.load_split("test")
-  acc = qeval.accuracy(np.asarray(fmnist_cnn.logits(params, xt)), yt)
+  acc = qmetrics.accuracy(np.asarray(fmnist_cnn.logits(params, xt)), yt)
   print(f"test accuracy {acc:.4f}")
   fmnist_cnn.CHECKPOINT.parent.mkdir(exist_ok=True)
   fmnist_cnn.CHECKPOINT.write_bytes(serialization.to_bytes(params))

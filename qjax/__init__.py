@@ -5,27 +5,68 @@ Terms used throughout:
   packed   codes after dense bit packing (b bits per value, in uint8).
   block    a group of elements sharing one scale (the OCP MX spec's word).
   tile     a kernel tile; unrelated to blocks.
+  method   a typed stage (transform, quantizer or refinement) that a rule
+           runs on a weight; stages compose with `chain`.
 """
 
-__version__ = "0.1.0"
-
-from qjax import formats  # noqa: E402
-from qjax.api import dequantize, plan, quantize, stats  # noqa: E402
-from qjax.qtensor import QTensor  # noqa: E402
-from qjax.quantizers.gptq import gptq  # noqa: E402
-from qjax.quantizers.rtn import rtn  # noqa: E402
-from qjax.recipe import Recipe, Rule, rule  # noqa: E402
+from qjax import formats
+from qjax.api import dequantize, plan, quantize, stats
+from qjax.methods import (
+  FTQ,
+  GPFQ,
+  GPTQ,
+  QAF,
+  RTN,
+  STATISTICS,
+  Chain,
+  CoordinateDescent,
+  ErrorDiffusion,
+  MagR,
+  Method,
+  Pipe,
+  Quantizer,
+  Refinement,
+  Result,
+  Stats,
+  Transform,
+  chain,
+)
+from qjax.qtensor import CompositeLeaf, QTensor, register_composite
+from qjax.quantizers.gptq import gptq
+from qjax.quantizers.rtn import rtn
+from qjax.recipe import Recipe, Rule, rule
+from qjax.version import __version__
 
 __all__ = [
+  "FTQ",
+  "GPFQ",
+  "GPTQ",
+  "QAF",
+  "RTN",
+  "STATISTICS",
+  "Chain",
+  "CompositeLeaf",
+  "CoordinateDescent",
+  "ErrorDiffusion",
+  "MagR",
+  "Method",
+  "Pipe",
   "QTensor",
+  "Quantizer",
   "Recipe",
+  "Refinement",
+  "Result",
   "Rule",
+  "Stats",
+  "Transform",
   "__version__",
+  "chain",
   "dequantize",
   "formats",
   "gptq",
   "plan",
   "quantize",
+  "register_composite",
   "rtn",
   "rule",
   "stats",

@@ -24,8 +24,8 @@ from qjax.formats import exmy, integer, packing, presets
 from qjax.formats.scaling import Scaling
 
 Format = exmy.ExMy | integer.IntFormat | integer.Codebook
-_E4M3 = presets.get("float8_e4m3fn")
-_E8M0 = presets.get("float8_e8m0fnu")
+_E4M3 = presets.PRESETS["float8_e4m3fn"]
+_E8M0 = presets.PRESETS["float8_e8m0fnu"]
 
 
 def decode_scale(stored: jax.Array, scaling: Scaling) -> jax.Array:
@@ -195,10 +195,87 @@ def is_qtensor(x) -> bool:
 
 
 class CompositeLeaf:
-  """Base of quantized leaves built from several QTensors (e.g. a PIPE
-  residual Expansion). Subclasses answer dequantize(dtype), nbytes, size and
-  bits_per_weight like a QTensor, so trees holding them dequantize, count
-  bytes and report stats the same way."""
+  """Base of quantized leaves built from several parts (e.g. a PIPE residual
+  Expansion, a CP-factorized kernel).
+
+  A subclass answers dequantize(dtype), nbytes, size and bits_per_weight like
+  a QTensor, so trees holding it dequantize and count bytes the same way, and
+  the leaf protocol that storage and qjax.stats use without knowing the
+  algorithm behind the leaf:
+    kind            class attribute: its name in checkpoints (register the
+                    class with `register_composite`).
+    parts()         {name: QTensor | array}: what a checkpoint stores. A
+                    QTensor part p is stored as p_codes, p_scale, ...; an
+                    array part's name must not be one of those.
+    meta()          JSON-able dict of its static fields (shape, dtype, ...).
+    from_parts(meta, parts)   classmethod: the inverse, validated.
+    describe(activation_bits) dict for qjax.stats: 'format', 'scaling',
+                    'macs', 'bops' per output position, and any extra entries.
+  """
+
+  kind: str = ""
+
+  def parts(self) -> dict:
+    raise NotImplementedError
+
+  def meta(self) -> dict:
+    raise NotImplementedError
+
+  @classmethod
+  def from_parts(cls, meta: dict, parts: dict) -> "CompositeLeaf":
+    raise NotImplementedError
+
+  def describe(self, activation_bits: int) -> dict:
+    raise NotImplementedError
+
+
+_COMPOSITES: dict[str, type] = {}
+
+
+def register_composite(cls: type) -> type:
+  """Class decorator: lets checkpoints restore leaves of `cls` by cls.kind."""
+  if not (isinstance(cls, type) and issubclass(cls, CompositeLeaf)):
+    raise TypeError(f"{cls!r} is not a CompositeLeaf subclass")
+  if not cls.kind or _COMPOSITES.get(cls.kind, cls) is not cls:
+    raise ValueError(
+      f"composite kind {cls.kind!r} of {cls.__name__} is empty or taken by "
+      f"{_COMPOSITES.get(cls.kind)}"
+    )
+  _COMPOSITES[cls.kind] = cls
+  return cls
+
+
+def composite_class(kind: str) -> type:
+  """The registered CompositeLeaf class named `kind`.
+
+  Raises:
+    ValueError: no class of that kind is registered (its module was not
+      imported, or the name is not one qjax knows).
+  """
+  if kind not in _COMPOSITES:
+    raise ValueError(
+      f"no composite leaf kind {kind!r} is registered (known: "
+      f"{', '.join(sorted(_COMPOSITES)) or 'none'}); import the module that "
+      "defines it before restoring"
+    )
+  return _COMPOSITES[kind]
+
+
+def qtensor_macs_and_bops(qt: "QTensor", activation_bits: int):
+  """MACs per output position of a kernel [..., d_out] stored as `qt`
+  (prod(shape)) and BOPs = MACs * element bits * activation bits."""
+  macs = math.prod(qt.shape)
+  return macs, macs * qt.fmt.bits * activation_bits
+
+
+def dequantize_tree(tree, dtype=None):
+  """Replaces every quantized leaf (QTensor or composite) by its float
+  tensor in `dtype` (default: each leaf's own dtype)."""
+  return jax.tree_util.tree_map(
+    lambda x: x.dequantize(dtype) if is_quantized(x) else x,
+    tree,
+    is_leaf=is_quantized,
+  )
 
 
 def is_quantized(x) -> bool:

@@ -7,6 +7,11 @@ unchanged. By default rank-0/1 leaves (biases, norm scales) and leaves whose
 path mentions 'embed', 'norm' or 'bias' are skipped, unless the deciding
 rule's own pattern names that word.
 
+A rule's method is a chain of method objects (qjax.methods): built from an
+object, a chain, or a name with options, and checked when the rule is built
+(unknown options, options out of range, a format the method cannot use), so
+a typo fails before any calibration runs.
+
 A Recipe is frozen and hashable, so an equal recipe never recompiles.
 """
 
@@ -15,38 +20,13 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from qjax.formats import presets
-from qjax.formats.scaling import Scaling, per_tensor
+from qjax.formats import names as format_names
+from qjax.formats.scaling import Scaling, per_channel, per_tensor
+from qjax.methods import base, names
 
-METHODS = (
-  "rtn",
-  "gptq",
-  "magr+rtn",
-  "magr+gptq",
-  "pipe",
-  "magr+pipe",
-  "gptq+pipe",
-  "ed",
-  "gpfq",
-  "qaf",
-  "ftq",
-  "skip",
-)
-# CP factorization (qjax.transforms.cp_layers): QAF, or factorize-then-
-# quantize; each factor has one scale (per-tensor), the authors' grid.
-FACTORIZED = ("qaf", "ftq")
-# Error Diffusion and GPFQ need both activation streams (qjax.diffusion).
-TWO_STREAM = ("ed", "gpfq")
-CALIBRATED = (
-  "gptq",
-  "magr+rtn",
-  "magr+gptq",
-  "magr+pipe",
-  "gptq+pipe",
-  *TWO_STREAM,
-)
 NAN_POLICIES = ("raise", "zero")
 DEFAULT_SKIP_WORDS = ("embed", "norm", "bias")
+SKIP = "skip"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,39 +35,21 @@ class Rule:
 
   Attributes:
     pattern: regex searched in the '/'-joined parameter path.
-    method: 'rtn', 'gptq', 'magr+rtn', 'magr+gptq', 'pipe' (data-free
-      residual expansion, qjax.transforms.residual), 'magr+pipe',
-      'gptq+pipe' (GPTQ gives the first order; all but rtn and pipe need
-      calibration statistics), 'qaf' / 'ftq' (a CPKernel: QAF or
-      factorize-then-quantize, qjax.transforms.cp_layers; option `rate`
-      required, the rest go to factorize.cp_quantized; the scaling must be
-      per-tensor, the default for these) or 'skip'. Options named pipe_*
-      (pipe_order, pipe_keep, pipe_rank_by) go to the expansion; magr_*
-      (magr_alpha, magr_iters, magr_group_size, magr_projection,
-      magr_statistics = 'hessian' | 'last_sample') go to MagR; cd_*
-      (cd_sweeps, cd_damp) to the coordinate-descent refinement after GPTQ;
-      the rest (e.g. shrink, act_order, clip_ratios) to the quantizer.
-    fmt: element format (None for 'skip').
-    scaling: scale sharing (None for 'skip').
-    options: extra keyword arguments of the method, as sorted (name, value)
-      pairs, e.g. (('clip_ratios', (1.0, 0.9, 0.8)),).
+    method: a qjax.methods.Chain, or None for a rule that skips what it
+      matches.
+    fmt: element format (None for a skip rule).
+    scaling: scale sharing (None for a skip rule).
     nan_policy: 'raise' (NaN/Inf weights are an error naming the path) or
       'zero' (they are replaced by 0 before quantizing).
   """
 
   pattern: str
-  method: str = "rtn"
+  method: base.Chain | None
   fmt: Any = None
   scaling: Scaling | None = None
-  options: tuple[tuple[str, Any], ...] = ()
   nan_policy: str = "raise"
 
   def __post_init__(self):
-    if self.method not in METHODS:
-      raise ValueError(
-        f"rule {self.pattern!r}: unknown method {self.method!r}; known: "
-        f"{', '.join(METHODS)}"
-      )
     if self.nan_policy not in NAN_POLICIES:
       raise ValueError(
         f"rule {self.pattern!r}: nan_policy must be one of {NAN_POLICIES}"
@@ -98,24 +60,52 @@ class Rule:
       raise ValueError(
         f"rule pattern {self.pattern!r} is not a regex: {e}"
       ) from e
-    if self.method != "skip" and (self.fmt is None or self.scaling is None):
+    if self.method is None:
+      return
+    if not isinstance(self.method, base.Chain):
+      raise ValueError(
+        f"rule {self.pattern!r}: method must be a qjax.chain(...); use "
+        "qjax.rule() to build one from a method object or name"
+      )
+    if self.fmt is None or self.scaling is None:
       raise ValueError(f"rule {self.pattern!r} needs a format and a scaling")
-    if self.method in FACTORIZED:
-      if self.scaling.spec() != per_tensor().spec():
-        raise ValueError(
-          f"rule {self.pattern!r}: method {self.method!r} puts one scale on "
-          f"each CP factor; scaling must be per-tensor, not "
-          f"{self.scaling.spec()!r}"
-        )
-      if "rate" not in dict(self.options):
-        raise ValueError(
-          f"rule {self.pattern!r}: method {self.method!r} needs the option "
-          "rate (the compression rate)"
-        )
-    object.__setattr__(self, "options", tuple(sorted(self.options)))
+    try:
+      self.method.check(self.fmt, self.scaling)
+    except ValueError as e:
+      raise ValueError(f"rule {self.pattern!r}: {e}") from e
+
+  @property
+  def skips(self) -> bool:
+    return self.method is None
+
+  @property
+  def needs(self) -> frozenset:
+    return frozenset() if self.method is None else self.method.needs
+
+  @property
+  def method_name(self) -> str:
+    return SKIP if self.method is None else self.method.name
 
   def names_default_skip(self, word: str) -> bool:
     return word in self.pattern.lower()
+
+
+def as_chain(method, options: Mapping | None = None) -> base.Chain | None:
+  """A rule's method from a name (with options), a method object or a chain;
+  None for 'skip'."""
+  options = dict(options or {})
+  if isinstance(method, str):
+    if method == SKIP:
+      if options:
+        raise ValueError(f"a skip rule takes no options; got {sorted(options)}")
+      return None
+    return names.from_name(method, options)
+  if options:
+    raise ValueError(
+      f"options {sorted(options)} go into the method object itself (e.g. "
+      f"GPTQ(act_order=True)), not next to {type(method).__name__}"
+    )
+  return base.chain(method)
 
 
 def rule(
@@ -123,25 +113,56 @@ def rule(
   fmt: Any = None,
   scaling: Scaling | None = None,
   *,
-  method: str = "rtn",
+  method: Any = "rtn",
   axis: int = 0,
+  ragged: bool | None = None,
   nan_policy: str = "raise",
   **options,
 ) -> Rule:
-  """Builds a Rule; `fmt` may be a name, a block format name ('mxfp4',
-  'nvfp4', ... blocked along `axis`) or a format object."""
-  if method in FACTORIZED and scaling is None:
-    scaling = per_tensor()
-  if presets.is_block_format(fmt):
+  """Builds a Rule.
+
+  Args:
+    pattern: regex over '/'-joined parameter paths.
+    fmt: a format name ('int4', 'e2m1', 'nf4'), a block format name
+      ('mxfp4', 'nvfp4', 'mxfp6e2', 'bfp16', ... blocked along `axis`) or a
+      format object.
+    scaling: how scales are shared (qjax.formats.per_channel, per_block,
+      ...). Default: per output channel (the last axis), or per tensor for
+      QAF/FTQ; block formats fix their own.
+    method: a method object (qjax.GPTQ(), ...), a qjax.chain(...), a name
+      ('gptq', 'magr+gptq+cd', 'pipe', see qjax.methods.names) or 'skip'.
+    axis: the axis blocks of a block format run along (the contraction
+      axis: 0 of a Dense kernel [in, out]).
+    ragged: for block scalings, whether a block size that does not divide
+      its axis leaves a short last block (None: the scaling's own setting).
+    nan_policy: 'raise' or 'zero'.
+    **options: the named method's options (flat for one name, per stage
+      for several: magr={'alpha': 1e-4}).
+
+  Raises:
+    ValueError: an unknown method, option or format (listing the valid
+      ones), or a format/scaling the method cannot use.
+  """
+  chain = as_chain(method, options)
+  if chain is None:
+    return Rule(pattern, None, nan_policy=nan_policy)
+  if format_names.is_block_format(fmt):
     if scaling is not None:
       raise ValueError(f"{fmt!r} fixes its own scaling; do not pass one")
-    fmt, scaling = presets.block_format(fmt, axis)
+    fmt, scaling = format_names.block_format(fmt, axis)
   elif fmt is not None:
-    fmt = presets.get(fmt)
-  options = {
-    k: tuple(v) if isinstance(v, list) else v for k, v in options.items()
-  }
-  return Rule(pattern, method, fmt, scaling, tuple(options.items()), nan_policy)
+    fmt = format_names.get(fmt)
+  if fmt is not None and scaling is None:
+    per_tensor_only = chain.default_scaling == "tensor"
+    scaling = per_tensor() if per_tensor_only else per_channel(-1)
+  if ragged is not None and scaling is not None:
+    if scaling.mode != "block":
+      raise ValueError(
+        f"rule {pattern!r}: ragged applies to block scalings, not "
+        f"{scaling.spec()!r}"
+      )
+    scaling = dataclasses.replace(scaling, ragged=bool(ragged))
+  return Rule(pattern, chain, fmt, scaling, nan_policy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,28 +174,30 @@ class Recipe:
     object.__setattr__(self, "rules", tuple(self.rules))
 
   @property
+  def needs(self) -> frozenset:
+    """The statistics (qjax.methods.STATISTICS) any rule needs."""
+    return frozenset().union(*(r.needs for r in self.rules))
+
+  @property
   def needs_calibration(self) -> bool:
-    return any(r.method in CALIBRATED for r in self.rules)
+    return bool(self.needs)
 
   @property
   def needs_two_streams(self) -> bool:
     """Whether a rule needs the float and the quantized stream (ED)."""
-    return any(r.method in TWO_STREAM for r in self.rules)
+    return "two_stream" in self.needs
 
   @property
   def needs_last_sample(self) -> bool:
     """Whether a rule runs MagR on the last calibration sample's Gram."""
-    return any(
-      dict(r.options).get("magr_statistics") == "last_sample"
-      for r in self.rules
-    )
+    return "last_sample" in self.needs
 
   def match(self, path: str, ndim: int) -> tuple[int | None, str]:
     """(index of the deciding rule or None, reason) for one leaf."""
     for i, r in enumerate(self.rules):
       if not re.search(r.pattern, path):
         continue
-      if r.method == "skip":
+      if r.skips:
         return None, f"skipped by rule {i} {r.pattern!r}"
       if self.skip_defaults:
         if ndim < 2 and not any(map(r.names_default_skip, DEFAULT_SKIP_WORDS)):
@@ -182,17 +205,28 @@ class Recipe:
         for word in DEFAULT_SKIP_WORDS:
           if word in path.lower() and not r.names_default_skip(word):
             return None, f"'{word}' leaves are skipped by default"
-      return i, f"rule {i} {r.pattern!r}"
+      return i, f"rule {i} {r.pattern!r} ({r.method_name})"
     return None, "no rule matched"
+
+  def unused(self, used) -> list[str]:
+    """'index: pattern' of the quantizing rules whose index is not in used."""
+    return [
+      f"{i}: {r.pattern!r}"
+      for i, r in enumerate(self.rules)
+      if i not in used and not r.skips
+    ]
 
   @classmethod
   def from_config(cls, config: Mapping) -> "Recipe":
     """From a mapping (e.g. an ml_collections ConfigDict):
 
-    {'rules': [{'pattern': 'kernel', 'format': 'int4',
+    {'rules': [{'pattern': 'kernel', 'format': 'int4', 'method': 'gptq',
                 'scaling': {'mode': 'block', 'axes': [0], 'sizes': [128]},
-                'options': {'clip_ratios': [1.0, 0.9]}}, ...],
+                'options': {'act_order': True}}, ...],
      'skip_defaults': True}
+
+    'options' are the method's (per stage for a '+'-joined method:
+    {'magr': {'alpha': 1e-4}, 'gptq': {...}}).
     """
     if hasattr(config, "to_dict"):
       config = config.to_dict()
@@ -205,6 +239,7 @@ class Recipe:
         "scaling",
         "method",
         "axis",
+        "ragged",
         "nan_policy",
         "options",
       }
@@ -212,10 +247,7 @@ class Recipe:
         raise ValueError(f"recipe rule {i}: unknown keys {sorted(unknown)}")
       scaling = rc.get("scaling")
       if isinstance(scaling, Mapping):
-        scaling = dict(scaling)
-        scaling["axes"] = tuple(scaling.get("axes", (-1,)))
-        scaling["sizes"] = tuple(scaling.get("sizes", ()))
-        scaling = Scaling(**scaling)
+        scaling = Scaling.from_config(scaling)
       rules.append(
         rule(
           rc["pattern"],
@@ -223,8 +255,9 @@ class Recipe:
           scaling,
           method=rc.get("method", "rtn"),
           axis=rc.get("axis", 0),
+          ragged=rc.get("ragged"),
           nan_policy=rc.get("nan_policy", "raise"),
-          **dict(rc.get("options", {})),
+          **dict(rc.get("options") or {}),
         )
       )
     return cls(tuple(rules), config.get("skip_defaults", True))

@@ -57,7 +57,7 @@ class QuantizeTest(absltest.TestCase):
       plan["embed/embedding"], "'embed' leaves are skipped by default"
     )
     self.assertEqual(plan["layer/norm/scale"], "rank 1: skipped by default")
-    self.assertEqual(plan["layer/mlp/kernel"], "rule 0 '.'")
+    self.assertEqual(plan["layer/mlp/kernel"], "rule 0 '.' (rtn)")
 
   def test_a_rule_naming_embeddings_quantizes_them(self):
     recipe = qjax.Recipe((qjax.rule("embed", "int8", formats.per_channel(0)),))
@@ -100,6 +100,17 @@ class QuantizeTest(absltest.TestCase):
       qjax.rule("kernel", "mxfp5")
     with self.assertRaisesRegex(ValueError, "unknown method 'gptqq'"):
       qjax.rule("kernel", "int4", formats.per_channel(), method="gptqq")
+    # An option typo fails when the rule is built, listing the valid names.
+    with self.assertRaisesRegex(
+      ValueError,
+      "GPTQ has no option 'act_ordr'; valid options: block_size, damp, "
+      "act_order, clip_ratios, shrink",
+    ):
+      qjax.rule("kernel", "int4", method="gptq", act_ordr=True)
+    with self.assertRaisesRegex(ValueError, "MagR has no option 'alfa'"):
+      qjax.rule("kernel", "int4", method="magr+gptq", magr={"alfa": 1e-3})
+    with self.assertRaisesRegex(TypeError, "unexpected keyword.*alfa"):
+      qjax.MagR(alfa=1e-3)
     with self.assertRaisesRegex(ValueError, "unknown scale format"):
       formats.Scaling(scale_format="e5m0")
 
@@ -161,15 +172,16 @@ class QuantizeTest(absltest.TestCase):
       )
       return qjax.quantize(params, recipe, hessians=hs)["d"]["kernel"]
 
-    with self.assertRaisesRegex(ValueError, "'d/kernel'.*magr_statistics"):
-      run("magr+rtn", magr_statistics="first")
-    with self.assertRaisesRegex(ValueError, "'d/kernel'.*last sample"):
-      run("magr+rtn", magr_statistics="last_sample")
-    with self.assertRaisesRegex(ValueError, "cd_\\* options apply to gptq"):
-      run("magr+rtn", cd_sweeps=1)
+    # Options are checked when the rule is built, before any data.
+    with self.assertRaisesRegex(ValueError, "statistics must be one of"):
+      run("magr+rtn", magr={"statistics": "first"})
+    with self.assertRaisesRegex(ValueError, "'d/kernel'.*last_sample"):
+      run("magr+rtn", magr={"statistics": "last_sample"})
+    with self.assertRaisesRegex(ValueError, "options per stage.*'cd'"):
+      run("magr+rtn", cd={"sweeps": 1})
     # The refinement is applied: codes move and the damped loss drops.
-    plain = run("magr+gptq", magr_iters=20)
-    refined = run("magr+gptq", magr_iters=20, cd_sweeps=3)
+    plain = run("magr+gptq", magr={"iters": 20})
+    refined = run("magr+gptq+cd", magr={"iters": 20}, cd={"sweeps": 3})
     self.assertFalse(np.array_equal(plain.codes, refined.codes))
     h = np.asarray(hs["d/kernel"])
     s = h + 0.75 * np.mean(np.diag(h)) * np.eye(32)  # CD's damped S
@@ -179,6 +191,36 @@ class QuantizeTest(absltest.TestCase):
       return np.sum(d * (s @ d))
 
     self.assertLess(loss(refined), loss(plain))
+
+  def test_data_free_quantize_is_traceable(self):
+    params = _params()
+    for recipe in (
+      qjax.Recipe((qjax.rule("kernel", "int4", formats.per_block(32)),)),
+      qjax.Recipe(
+        (qjax.rule("attn/kernel", "nvfp4"), qjax.rule("kernel", "mxfp4"))
+      ),
+      qjax.Recipe((qjax.rule("kernel", "int4", method="pipe", order=2),)),
+      qjax.Recipe(
+        (qjax.rule("kernel", "int8", nan_policy="zero", method=qjax.RTN()),)
+      ),
+    ):
+      eager = qjax.quantize(params, recipe)
+      jitted = jax.jit(lambda p, r=recipe: qjax.quantize(p, r))(params)
+      self.assertEqual(
+        jax.tree.structure(eager), jax.tree.structure(jitted), recipe
+      )
+      pairs = zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True)
+      for a, b in pairs:
+        np.testing.assert_array_equal(a, b)
+      shapes = jax.eval_shape(lambda p, r=recipe: qjax.quantize(p, r), params)
+      self.assertEqual(jax.tree.structure(shapes), jax.tree.structure(eager))
+    # Inside a trace NaN cannot raise; 'zero' still zeroes it.
+    params["layer"]["mlp"]["kernel"] = (
+      params["layer"]["mlp"]["kernel"].at[0, 0].set(jnp.nan)
+    )
+    zero = qjax.Recipe((qjax.rule("mlp", "int8", nan_policy="zero"),))
+    got = jax.jit(lambda p: qjax.quantize(p, zero))(params)
+    self.assertEqual(float(got["layer"]["mlp"]["kernel"].dequantize()[0, 0]), 0)
 
   def test_dequantize_and_stats(self):
     params = _params()
@@ -208,7 +250,7 @@ class QuantizeTest(absltest.TestCase):
       )
       return qjax.quantize(params, recipe, hessians=hs)["d"]["kernel"]
 
-    e = run("pipe", pipe_order=3, pipe_keep=0.5)
+    e = run("pipe", order=3, keep=0.5)
     np.testing.assert_array_equal(
       e.dequantize(),
       residual.reconstruct(
@@ -216,18 +258,19 @@ class QuantizeTest(absltest.TestCase):
       ),
     )
     # R_1 comes from GPTQ, and the order-2 term refines it.
-    g = run("gptq+pipe", pipe_order=2)
+    g = run("gptq+pipe", pipe={"order": 2})
     first = qjax.gptq(w, hs["d/kernel"], formats.get("int4"), scaling)[0]
     np.testing.assert_array_equal(g.terms[0].codes, first.codes)
     err = lambda q: float(jnp.sum((w - q.dequantize()) ** 2))  # noqa: E731
     self.assertLess(err(g), err(first) / 10)
-    self.assertEqual(run("magr+pipe", pipe_order=2, magr_iters=5).order, 2)
-    with self.assertRaisesRegex(ValueError, "'d/kernel'.*needs the option"):
+    got = run("magr+pipe", pipe={"order": 2}, magr={"iters": 5})
+    self.assertEqual(got.order, 2)
+    with self.assertRaisesRegex(ValueError, "Pipe needs the option.*order"):
       run("pipe")
-    with self.assertRaisesRegex(ValueError, "pipe_\\* options apply"):
-      run("rtn", pipe_order=2)
-    with self.assertRaisesRegex(ValueError, "'d/kernel'.*order must be"):
-      run("pipe", pipe_order=0)
+    with self.assertRaisesRegex(ValueError, "RTN has no option 'order'"):
+      run("rtn", order=2)
+    with self.assertRaisesRegex(ValueError, "order must be >= 1"):
+      run("pipe", order=0)
     # Dequantize, stats and model bytes see through the expansion.
     q = qjax.dequantize({"k": e})
     np.testing.assert_array_equal(q["k"], e.dequantize())

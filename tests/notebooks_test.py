@@ -3,8 +3,11 @@
 import pathlib
 
 import nbformat
+import pytest
 from absl.testing import absltest
 from nbclient import NotebookClient
+
+pytestmark = pytest.mark.e2e  # make test-quick skips end-to-end runs
 
 NOTEBOOKS = pathlib.Path(__file__).parent.parent / "notebooks"
 

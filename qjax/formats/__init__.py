@@ -17,14 +17,9 @@ Public surface:
 
 from qjax.formats.exmy import ExMy
 from qjax.formats.integer import NF4, Codebook, IntFormat
+from qjax.formats.names import block_format, get, is_block_format
 from qjax.formats.packing import pack, packed_size, planes, unpack
-from qjax.formats.presets import (
-  BLOCK_FORMATS,
-  PRESETS,
-  block_format,
-  get,
-  is_block_format,
-)
+from qjax.formats.presets import BLOCK_FORMATS, PRESETS
 from qjax.formats.rounding import ROUNDING_MODES
 from qjax.formats.scaling import Scaling, per_block, per_channel, per_tensor
 from qjax.formats.spec import BlockSpec, parse, to_spec

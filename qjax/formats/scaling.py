@@ -152,6 +152,25 @@ class Scaling:
     return dataclasses.asdict(self)
 
   @classmethod
+  def from_config(cls, config) -> "Scaling":
+    """From a mapping of some fields ({'mode': 'block', 'axes': [0],
+    'sizes': [128]}); the others take their defaults.
+
+    Raises:
+      ValueError: an unknown field (listing the valid ones).
+    """
+    d = dict(config)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(valid))
+    if unknown:
+      raise ValueError(
+        f"scaling has no field {unknown}; valid: {', '.join(valid)}"
+      )
+    d["axes"] = tuple(d.get("axes", (-1,)))
+    d["sizes"] = tuple(d.get("sizes", ()))
+    return cls(**d)
+
+  @classmethod
   def from_dict(cls, d: dict) -> "Scaling":
     d = dict(d)
     d["axes"] = tuple(d["axes"])

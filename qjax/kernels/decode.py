@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from qjax.formats import exmy, integer, presets
 
-_E4M3 = presets.get("float8_e4m3fn")
+_E4M3 = presets.PRESETS["float8_e4m3fn"]
 
 
 def _decode_exmy(c: jax.Array, fmt: exmy.ExMy) -> jax.Array:

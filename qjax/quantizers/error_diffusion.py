@@ -137,7 +137,7 @@ def error_diffusion(
   Args:
     w: [in, out] kernel (Flax layout); blocks run along axis 0.
     g, c: the layer's X~^T X~ and X~^T X ([in, in], float32).
-    fmt, scaling: the target format (e.g. presets.block_format('mxfp4')).
+    fmt, scaling: the target format (e.g. formats.block_format('mxfp4')).
     adjust_step: one of ADJUSTS (default 'lstsq', our reading of the paper).
 
   Returns:

@@ -26,7 +26,7 @@ from qjax import qtensor
 from qjax.formats import exmy, integer, packing, presets
 from qjax.formats.scaling import Scaling
 
-_E4M3 = presets.get("float8_e4m3fn")
+_E4M3 = presets.PRESETS["float8_e4m3fn"]
 _E4M3_TINY = _E4M3.smallest_subnormal
 
 

@@ -43,6 +43,7 @@ from qjax.quantizers import rtn as rtn_lib
 RANK_BY = ("residual", "weight")
 
 
+@qtensor.register_composite
 @dataclasses.dataclass(frozen=True)
 class Expansion(qtensor.CompositeLeaf):
   """K quantized residual terms of one weight (see the module docstring).
@@ -102,6 +103,50 @@ class Expansion(qtensor.CompositeLeaf):
       if t.shape != (*self.shape[:-1], n):
         raise ValueError(f"term {k} has shape {t.shape}, want {n} columns")
 
+  # The leaf protocol (qtensor.CompositeLeaf): checkpoints and qjax.stats.
+  kind = "expansion"
+
+  def parts(self) -> dict:
+    out = {}
+    for k, (t, idx) in enumerate(zip(self.terms, self.keep, strict=True)):
+      out[f"t{k}"] = t
+      if idx is not None:
+        out[f"t{k}_keep"] = idx
+    return out
+
+  def meta(self) -> dict:
+    return {
+      "shape": list(self.shape),
+      "dtype": str(np.dtype(self.dtype)),
+      "order": self.order,
+    }
+
+  @classmethod
+  def from_parts(cls, meta: dict, parts: dict) -> "Expansion":
+    n = int(meta["order"])
+    leaf = cls(
+      tuple(parts[f"t{k}"] for k in range(n)),
+      tuple(parts.get(f"t{k}_keep") for k in range(n)),
+      tuple(meta["shape"]),
+      np.dtype(meta["dtype"]),
+    )
+    leaf.validate()
+    return leaf
+
+  def describe(self, activation_bits: int) -> dict:
+    """Format and scaling of the terms; MACs and BOPs per output position:
+    prod(shape[:-1]) per stored column of each term (PIPE's accounting)."""
+    counts = [
+      qtensor.qtensor_macs_and_bops(t, activation_bits) for t in self.terms
+    ]
+    return {
+      "format": str(self.terms[0].fmt),
+      "scaling": self.terms[0].scaling.spec(),
+      "macs": sum(m for m, _ in counts),
+      "bops": sum(b for _, b in counts),
+      "orders": self.order,
+    }
+
   def __repr__(self) -> str:
     cols = [self.shape[-1] if k is None else k.shape[0] for k in self.keep]
     return (
@@ -128,7 +173,7 @@ def n_keep(n_out: int, keep: float) -> int:
   return max(1, math.ceil(keep * n_out - 1e-9))
 
 
-def _keeps(keep, order: int) -> tuple[float, ...]:
+def keeps_per_order(keep, order: int) -> tuple[float, ...]:
   keeps = (keep,) * (order - 1) if np.isscalar(keep) else tuple(keep)
   if len(keeps) != order - 1:
     raise ValueError(
@@ -203,7 +248,7 @@ def expand(
   w = jnp.asarray(w)
   if w.ndim < 1:
     raise ValueError("expand needs a weight of rank >= 1, got a scalar")
-  keeps = _keeps(keep, int(order))
+  keeps = keeps_per_order(keep, int(order))
   check_format(fmt, scaling, w.shape, any(g < 1 for g in keeps))
   if first is not None and tuple(first.shape) != tuple(w.shape):
     raise ValueError(f"first has shape {first.shape}, weight {w.shape}")

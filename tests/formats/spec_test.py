@@ -149,7 +149,7 @@ class SpecTest(parameterized.TestCase):
       formats.get("float8_e4m3fn"),
     )
     config = minilm.get_config("format=bfp16")
-    self.assertEqual(config.name, "minilm_rtn_bfp16")
+    self.assertEqual(run_lib.run_name(config), "minilm_rtn_bfp16")
     recipe = run_lib.recipe_from_config(config)
     self.assertEqual(recipe.rules[0].scaling.sizes, (8,))
 

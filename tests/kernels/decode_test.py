@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from qjax.formats import exmy, integer, presets
+from qjax import formats
+from qjax.formats import exmy, integer
 from qjax.kernels import decode
 
 FLOATS = [
@@ -37,7 +38,7 @@ def _same_bits(a, b):
 class DecodeTest(parameterized.TestCase):
   @parameterized.parameters(*FLOATS)
   def test_float_formats_every_code(self, name):
-    fmt = presets.get(name)
+    fmt = formats.get(name)
     codes = jnp.arange(2**fmt.bits, dtype=jnp.int32)
     _same_bits(decode.decode(codes, fmt), fmt.decode(codes.astype(jnp.uint8)))
 

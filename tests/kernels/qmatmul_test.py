@@ -34,9 +34,9 @@ FORMATS = {
   "int3_pc": lambda: _scaled("int3"),
   "int2_pc": lambda: _scaled("int2"),
   "e4m3_pc": lambda: _scaled("float8_e4m3fn"),
-  "mxfp4": lambda: formats.presets.block_format("mxfp4"),
-  "mxfp8": lambda: formats.presets.block_format("mxfp8_e4m3"),
-  "nvfp4": lambda: formats.presets.block_format("nvfp4"),
+  "mxfp4": lambda: formats.block_format("mxfp4"),
+  "mxfp8": lambda: formats.block_format("mxfp8_e4m3"),
+  "nvfp4": lambda: formats.block_format("nvfp4"),
   "nf4_g64": lambda: _scaled("nf4", 64),
 }
 

@@ -103,7 +103,7 @@ class MiniLMTest(absltest.TestCase):
     kernels = {p: s for p, s in qjax.stats(q).items() if s["quantized"]}
     self.assertLen(kernels, 6 * 6)  # every Dense kernel, nothing else
     shapes = {
-      qjax.api.path_str(p): x.shape
+      qjax.paths.path_str(p): x.shape
       for p, x in jax.tree_util.tree_leaves_with_path(self.params)
     }
     for path, s in kernels.items():

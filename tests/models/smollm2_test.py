@@ -4,7 +4,7 @@ import numpy as np
 from absl.testing import absltest
 
 from qjax import datasets
-from qjax import eval as qeval
+from qjax import metrics as qmetrics
 from qjax.models import smollm2
 
 
@@ -101,8 +101,8 @@ class SmolLM2Test(absltest.TestCase):
     # of 512 tokens from the first token, labels removed, no BOS).
     params = smollm2.load_params()
     ids = smollm2.tokenizer().encode(datasets.kjv_text()[:40_000]).ids
-    windows = qeval.token_windows(ids, 512, 8)
-    ppl = qeval.perplexity(
+    windows = qmetrics.token_windows(ids, 512, 8)
+    ppl = qmetrics.perplexity(
       lambda w: smollm2.logits(params, w), windows, progress=False
     )
     self.assertAlmostEqual(ppl, 6.35, delta=0.05)

@@ -1,0 +1,153 @@
+"""The one dispatcher: a leaf, the rule that decides it and its statistics ->
+the rule's method result. Every driver (data-free, GPTQ's sequential mode,
+the two-stream driver, checkpoint conversion) quantizes through here, so a
+method runs the same way whichever collected its statistics.
+
+Errors and warnings a method raises come out naming the parameter path.
+"""
+
+import warnings
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from qjax import qtensor
+from qjax.methods import base
+from qjax.paths import path_str
+from qjax.recipe import Recipe, Rule
+
+
+def check_finite(path: str, w, nan_policy: str):
+  """w, or w with NaN/Inf zeroed under nan_policy='zero'.
+
+  Inside a jax trace the values are unknown, so nothing is raised there (a
+  host sync is impossible); 'zero' still applies. Call qjax.quantize
+  outside jit once to get the error.
+
+  Raises:
+    ValueError: NaN/Inf values under nan_policy='raise', naming `path` and
+      the counts.
+  """
+  finite = jnp.isfinite(w)
+  if isinstance(w, jax.core.Tracer):
+    if nan_policy == "zero":
+      return jnp.where(finite, w, jnp.zeros_like(w))
+    return w
+  if bool(jnp.all(finite)):
+    return w
+  if nan_policy == "zero":
+    return jnp.where(finite, w, jnp.zeros_like(w))
+  n_nan = int(jnp.sum(jnp.isnan(w)))
+  n_inf = int(jnp.sum(jnp.isinf(w)))
+  raise ValueError(
+    f"parameter {path!r} has {n_nan} NaN and {n_inf} Inf values; fix the "
+    "weights or set nan_policy='zero' on its rule"
+  )
+
+
+def apply_rule(rule: Rule, w, stats: base.Stats, path: str) -> base.Result:
+  """Runs `rule`'s method on the leaf `w` at `path`.
+
+  A method that needs statistics sees a matrix: a pointwise conv kernel
+  [1, 1, in, out] is quantized as [in, out] and viewed back.
+
+  Raises:
+    ValueError / TypeError: from the method, or statistics the method needs
+      that did not reach this leaf; the message names `path`.
+  """
+  w = check_finite(path, jnp.asarray(w), rule.nan_policy)
+  try:
+    missing = sorted(rule.needs - stats.available())
+    if missing:
+      raise ValueError(
+        f"method {rule.method_name!r} needs {' and '.join(missing)} "
+        "statistics and none reached this layer: pass calib=(model, "
+        "batches) to qjax.quantize (see qjax.calibration). Only layers that "
+        "calibration sees (Dense, pointwise convs) get statistics: give the "
+        "others a data-free rule (e.g. rtn) ahead of this one"
+      )
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      result = _run(rule, w, stats)
+  except (ValueError, TypeError) as e:
+    raise type(e)(f"parameter {path!r}: {e}") from e
+  for c in caught:  # e.g. QAF's sweep cap: say which parameter it was
+    warnings.warn(f"parameter {path!r}: {c.message}", c.category, stacklevel=3)
+  return result
+
+
+def _run(rule: Rule, w, stats) -> base.Result:
+  if rule.needs and w.ndim > 2:
+    # A pointwise conv [1, 1, in, out]: its statistics are the matrix's.
+    if any(d != 1 for d in w.shape[:-2]):
+      raise ValueError(
+        f"method {rule.method_name!r} quantizes matrices; a conv kernel "
+        f"{tuple(w.shape)} is not pointwise"
+      )
+    inner = _run(rule, w.reshape(w.shape[-2:]), stats)
+    if not qtensor.is_qtensor(inner.leaf):
+      raise ValueError(
+        f"method {rule.method_name!r} on a conv kernel {w.shape} gives a "
+        f"{type(inner.leaf).__name__}; only QTensor results can be viewed as "
+        "convs"
+      )
+    return inner._replace(
+      leaf=qtensor.with_leading_unit_axes(inner.leaf, w.shape)
+    )
+  return rule.method(w, rule.fmt, rule.scaling, stats)
+
+
+def quantize_leaf(
+  path: str,
+  w,
+  recipe: Recipe,
+  *,
+  key=None,
+  stats: base.Stats | None = None,
+):
+  """One leaf: (leaf or quantized leaf, index of the deciding rule or None).
+
+  `key` is this leaf's own key (drivers fold in the leaf's position);
+  conversion programs call this to stream leaf by leaf.
+  """
+  index, _ = recipe.match(path, np.ndim(w))
+  if index is None:
+    return w, None
+  stats = (stats or base.Stats())._replace(key=key)
+  return apply_rule(recipe.rules[index], w, stats, path).leaf, index
+
+
+def quantize_tree(
+  params,
+  recipe: Recipe,
+  *,
+  key=None,
+  stats_for: Callable[[str], base.Stats] | None = None,
+  progress: bool = False,
+  desc: str = "quantize",
+  skip=frozenset(),
+):
+  """Every leaf of `params` through `quantize_leaf`; leaf i gets
+  fold_in(key, i). Paths in `skip` stay as they are (a driver quantizes
+  them itself). Returns (tree, indices of the rules that matched)."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  used, out = set(), []
+  for i, (p, w) in enumerate(tqdm(leaves, desc=desc, disable=not progress)):
+    path = path_str(p)
+    if path in skip:
+      out.append(w)
+      continue
+    leaf, index = quantize_leaf(
+      path,
+      w,
+      recipe,
+      key=None if key is None else jax.random.fold_in(key, i),
+      stats=None if stats_for is None else stats_for(path),
+    )
+    if index is not None:
+      used.add(index)
+    out.append(leaf)
+  return jax.tree_util.tree_unflatten(treedef, out), used
