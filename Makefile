@@ -32,7 +32,8 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -n 2 tests
 
-# Without the end-to-end runs (experiments, notebooks, multi-process).
+# Without the end-to-end runs (experiments, notebooks, multi-process,
+# whole real models): under 5 minutes on 2 cores.
 test-quick: lint
 	$(PY) -m pytest -n 2 -m "not e2e" tests
 

@@ -26,5 +26,6 @@ def get_config(arg=None):
   c.method = "gptq"
   c.zero_point = True
   c.eval = {"windows": 8, "window": 512}
-  c.calib = {"windows": 16, "window": 512}
+  # calib.subset k > 0: the k-th run of 16 windows before the last one.
+  c.calib = {"windows": 16, "window": 512, "subset": 0}
   return common.apply_arg(c, arg)

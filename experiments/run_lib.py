@@ -229,6 +229,9 @@ def run_name(config) -> str:
         out += f"_{stage}-{key}{value}"
   if config.layers:
     out += f"_layers{config.layers}"
+  subset = config.get("calib", {}).get("subset", 0)
+  if subset:
+    out += f"_calib{subset}"
   return out
 
 

@@ -39,12 +39,18 @@ class SmolLM2Task:
     return smollm2.block_model(params)
 
   def calibration_batches(self, config):
-    """Windows from the end of the text: disjoint from evaluation."""
+    """Windows from the end of the text: disjoint from evaluation.
+
+    calib.subset k > 0 takes the k-th run of `windows` windows before the
+    last one (disjoint subsets, to measure how the result depends on the
+    calibration text)."""
     window, count = config.calib.window, config.calib.windows
+    subset = config.calib.get("subset", 0)
+    runs = subset + 1
     text = datasets.kjv_text()
-    ids = smollm2.tokenizer().encode(text[-8 * window * count :]).ids
-    windows = qmetrics.token_windows(ids, window, count, from_end=True)
-    return [jnp.asarray(w[None]) for w in windows]
+    ids = smollm2.tokenizer().encode(text[-8 * window * count * runs :]).ids
+    windows = qmetrics.token_windows(ids, window, count * runs, from_end=True)
+    return [jnp.asarray(w[None]) for w in windows[:count]]
 
   def score(self, params, config, reference):
     windows = self._windows(config.eval.window, config.eval.windows)

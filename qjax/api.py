@@ -25,7 +25,8 @@ def plan(params, recipe: Recipe) -> dict[str, str]:
   """path -> how `quantize` will treat that leaf (for logs and dry runs)."""
   leaves = jax.tree_util.tree_leaves_with_path(params)
   return {
-    path_str(p): recipe.match(path_str(p), np.ndim(x))[1] for p, x in leaves
+    path_str(p): recipe.match(path_str(p), np.ndim(x), np.size(x))[1]
+    for p, x in leaves
   }
 
 

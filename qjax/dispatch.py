@@ -113,7 +113,7 @@ def quantize_leaf(
   `key` is this leaf's own key (drivers fold in the leaf's position);
   conversion programs call this to stream leaf by leaf.
   """
-  index, _ = recipe.match(path, np.ndim(w))
+  index, _ = recipe.match(path, np.ndim(w), np.size(w))
   if index is None:
     return w, None
   stats = (stats or base.Stats())._replace(key=key)

@@ -122,7 +122,51 @@ jax.tree_util.register_dataclass(
 )
 
 
+def auto_axes(x: jax.Array) -> jax.Array:
+  """Relabels an Explicit-axes NamedSharding as Auto (same devices, no copy).
+
+  Block statistics reshape a sharded axis into (blocks, block) and
+  dequantizing repeats a scale over its block; with sharding-in-types
+  (Explicit axes) both need an explicit output sharding, while GSPMD (Auto
+  axes) propagates it: codes keep the weight's sharding and scales follow
+  their blocks.
+  """
+  s = getattr(x, "sharding", None)
+  if not isinstance(s, jax.sharding.NamedSharding):
+    return x
+  auto = jax.sharding.AxisType.Auto
+  if all(t == auto for t in s.mesh.axis_types):
+    return x
+  mesh = jax.sharding.Mesh(
+    s.mesh.devices,
+    s.mesh.axis_names,
+    axis_types=(auto,) * len(s.mesh.axis_names),
+  )
+  return jax.device_put(x, jax.sharding.NamedSharding(mesh, s.spec))
+
+
+def _explicit_sharding(x):
+  """x's sharding when it is over Explicit mesh axes, else None (also for a
+  tracer: jax.typeof sees its sharding type)."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  explicit = jax.sharding.AxisType.Explicit
+  if mesh is None or explicit not in tuple(getattr(mesh, "axis_types", ())):
+    return None
+  return sharding
+
+
 def _dequantize(qt: QTensor) -> jax.Array:
+  # Codes sharded over Explicit mesh axes (a restore onto such a mesh):
+  # unpacking, decoding and repeating scales over blocks run with those
+  # axes Auto, and the values come out sharded like the codes.
+  sharding = _explicit_sharding(qt.codes)
+  if sharding is not None:
+    return jax.sharding.auto_axes(_dequantize_auto, out_sharding=sharding)(qt)
+  return _dequantize_auto(qt)
+
+
+def _dequantize_auto(qt: QTensor) -> jax.Array:
   codes = packing.unpack(qt.codes, qt.fmt.bits, qt.shape[-1])
   values = qt.fmt.decode(codes)
   block_shape = qt.scaling.block_shape(qt.shape)

@@ -192,8 +192,14 @@ class Recipe:
     """Whether a rule runs MagR on the last calibration sample's Gram."""
     return "last_sample" in self.needs
 
-  def match(self, path: str, ndim: int) -> tuple[int | None, str]:
-    """(index of the deciding rule or None, reason) for one leaf."""
+  def match(
+    self, path: str, ndim: int, size: int | None = None
+  ) -> tuple[int | None, str]:
+    """(index of the deciding rule or None, reason) for one leaf of rank
+    `ndim` (and `size` elements, when known: a zero-size leaf has nothing
+    to quantize and stays as it is)."""
+    if size == 0:
+      return None, "zero-size: nothing to quantize"
     for i, r in enumerate(self.rules):
       if not re.search(r.pattern, path):
         continue

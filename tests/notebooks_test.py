@@ -13,6 +13,16 @@ NOTEBOOKS = pathlib.Path(__file__).parent.parent / "notebooks"
 
 
 class NotebooksTest(absltest.TestCase):
+  def test_no_notebook_installs_a_pypi_name_qjax_does_not_own(self):
+    # The PyPI package called qjax is another project: install from the
+    # repository (a git URL or a path), never by that name.
+    for path in NOTEBOOKS.glob("*.ipynb"):
+      text = " ".join(
+        "".join(c["source"]) for c in nbformat.read(path, as_version=4).cells
+      )
+      self.assertNotRegex(text, r"pip install[^\n]*\bqjax\b(?![/.\w])", path)
+      self.assertIn("QJAX_SOURCE", text, path)
+
   def test_quickstart_runs(self):
     nb = nbformat.read(NOTEBOOKS / "quickstart.ipynb", as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3").execute(

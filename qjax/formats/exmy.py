@@ -162,8 +162,12 @@ class ExMy:
     if self.rounding == "stochastic":
       raise ValueError("stochastic rounding needs a key: pass it to encode()")
     # Every value must be exact in float32: max < 2^128, quantum >= 2^-149.
-    if not math.isfinite(self.max) or self.max >= 2.0**128:
-      raise ValueError(f"{self}: max {self.max} overflows float32; lower bias")
+    try:
+      top = self.max
+    except OverflowError:  # a bias far below zero: 2^(emax - bias) overflows
+      top = math.inf
+    if not math.isfinite(top) or top >= 2.0**128:
+      raise ValueError(f"{self}: max {top} overflows float32; raise the bias")
     if self._quantum_exponent < -149:
       raise ValueError(
         f"{self}: smallest step 2^{self._quantum_exponent} is below float32's "

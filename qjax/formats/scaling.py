@@ -74,6 +74,8 @@ class Scaling:
         )
       if any(s < 1 for s in self.sizes):
         raise ValueError(f"block sizes must be >= 1, got {self.sizes}")
+      if len(set(self.axes)) != len(self.axes):
+        raise ValueError(f"block axes must differ, got {self.axes}")
     elif self.mode == "channel" and len(self.axes) != 1:
       raise ValueError(f"channel scaling takes one axis, got {self.axes}")
     if self.scale_rule not in SCALE_RULES:
@@ -104,6 +106,10 @@ class Scaling:
       if not -rank <= a < rank:
         raise ValueError(f"scaling axis {a} is out of range for shape {shape}")
       axes.append(a % rank)
+    if len(set(axes)) != len(axes):
+      raise ValueError(
+        f"scaling axes {self.axes} name the same axis of shape {shape}"
+      )
     if self.mode == "tensor":
       return tuple(shape)
     if self.mode == "channel":

@@ -6,14 +6,19 @@ A checkpoint directory holds
               split into parts of about `max_part_bytes` so a writer never
               holds more than one part in memory (qjax.convert streams
               through `Writer`).
-  qjax.json   the version, the recipe (if given), the tree's paths, each
-              QTensor's static metadata, each array's part, partition spec
-              and a SHA-256 of its global value.
+  qjax.json   the manifest (qjax.io.manifest): the version, the recipe (if
+              given), the tree's paths, each leaf's static metadata, each
+              array's part, partition spec and a SHA-256 of its global
+              value. Zero-size arrays live here only (orbax stores none).
+  qjax.sha256 the manifest's own SHA-256.
 Everything is written into `<path>.partial` and renamed into place last, so
-an interrupted save leaves no directory at `path`; the next save to the same
-path removes the leftover. `restore` needs no recipe: it rebuilds QTensors
-from qjax.json, and a missing file, a changed array or a wrong shape is a
-ValueError naming the leaf, never wrong numbers.
+an interrupted save leaves no directory at `path`. The writer marks the
+partial directory as its own (a `WRITER` file: host and pid); a later save
+removes a leftover only when it carries that mark and its writer is gone,
+and a second writer to the same path while the first runs is an error.
+`restore` needs no recipe: it rebuilds leaves from qjax.json, and a missing
+file, a changed array or manifest, or a wrong shape is a ValueError naming
+the leaf, never wrong numbers.
 
 Multi-process (jax.distributed): every process calls `Writer.add` with the
 same global jax.Arrays in the same order; orbax writes each process's shards
@@ -27,6 +32,7 @@ import math
 import os
 import pathlib
 import shutil
+import socket
 
 import jax
 import numpy as np
@@ -37,14 +43,22 @@ from jax.sharding import NamedSharding, PartitionSpec
 from qjax import qtensor
 from qjax.formats import serialize
 from qjax.formats.scaling import Scaling
+from qjax.io import manifest
+from qjax.io.manifest import FORMAT_VERSION, READABLE_VERSIONS
 from qjax.paths import path_str
 from qjax.version import __version__
 
-# 3: composite leaves through the leaf protocol (qtensor.CompositeLeaf);
-# 2: arrays in parts with partition specs; 1: one arrays/ tree. All read.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+__all__ = [
+  "FORMAT_VERSION",
+  "READABLE_VERSIONS",
+  "Writer",
+  "iter_leaves",
+  "load_metadata",
+  "restore",
+  "save",
+]
 DEFAULT_PART_BYTES = 256 << 20
+_MARK = "WRITER"
 _FIELDS = ("codes", "scale", "zero", "tensor_scale")
 
 
@@ -79,6 +93,23 @@ def _array_meta(x) -> dict:
     "sha256": _digest(x),
     "spec": _spec(x),
   }
+
+
+def _check_storable(where: str, x) -> None:
+  """Refuses, at save time, arrays that would not come back exactly."""
+  dtype = np.dtype(x.dtype)
+  if dtype.kind not in "biufc" and dtype.name not in (
+    "bfloat16",
+    "float8_e4m3fn",
+    "float8_e5m2",
+  ):
+    raise ValueError(f"parameter {where!r}: cannot store dtype {dtype}")
+  if dtype.itemsize == 8 and not jax.config.jax_enable_x64:
+    raise ValueError(
+      f"parameter {where!r} is {dtype}: JAX without jax_enable_x64 would "
+      "restore it as a 32-bit array, so it would not round trip. Cast it "
+      "(e.g. to float32) or enable x64 before saving and restoring"
+    )
 
 
 def _qtensor_arrays(qt) -> dict:
@@ -137,7 +168,11 @@ def _leaf_entry(p, leaf) -> tuple[dict, dict]:
   else:
     group = {"value": leaf}
     entry.update(kind="array")
+  for x in group.values():
+    _check_storable(path_str(p), x)
   entry["arrays"] = {f: _array_meta(x) for f, x in group.items()}
+  # orbax stores no zero-size array; the manifest holds its shape and dtype.
+  group = {f: x for f, x in group.items() if math.prod(np.shape(x))}
   return entry, group
 
 
@@ -170,9 +205,9 @@ class Writer:
       raise FileExistsError(
         f"{self.path} exists; remove it or pick another path"
       )
-    # One name all processes agree on without communicating; a leftover of
-    # an interrupted run is incomplete by construction and is replaced.
+    # One name all processes agree on without communicating.
     self.tmp = self.path.with_name(self.path.name + ".partial")
+    self._owns_tmp = False
     self.recipe = recipe
     self.extra = dict(extra or {})
     self.max_part_bytes = max_part_bytes
@@ -183,20 +218,52 @@ class Writer:
     self._checkpointer = None
 
   def __enter__(self):
-    if jax.process_index() == 0:
-      if self.tmp.exists():
-        shutil.rmtree(self.tmp)
-      (self.tmp / "arrays").mkdir(parents=True)
-    _barrier("qjax_writer_start")
-    self._checkpointer = ocp.StandardCheckpointer()
+    try:
+      if jax.process_index() == 0:
+        self._claim_tmp()
+      _barrier("qjax_writer_start")
+      self._checkpointer = ocp.StandardCheckpointer()
+    except BaseException:
+      self._abort()
+      raise
     return self
+
+  def _claim_tmp(self) -> None:
+    """Creates the partial directory, replacing only a leftover this writer
+    kind made and whose process is gone.
+
+    Raises:
+      FileExistsError: the partial directory belongs to a live writer, or
+        was not made by a qjax writer.
+    """
+    if self.tmp.exists():
+      owner = _leftover_owner(self.tmp)
+      if owner is None:
+        raise FileExistsError(
+          f"{self.tmp} exists and was not made by a qjax writer; remove it "
+          "yourself or pick another path"
+        )
+      if _alive(owner):
+        raise FileExistsError(
+          f"{self.tmp} is being written by process {owner['pid']} on "
+          f"{owner['host']}; wait for it or pick another path"
+        )
+      shutil.rmtree(self.tmp)  # an interrupted run's leftover
+    self.tmp.parent.mkdir(parents=True, exist_ok=True)
+    self.tmp.mkdir()  # raises FileExistsError if another writer just won
+    self._owns_tmp = True
+    (self.tmp / _MARK).write_text(
+      json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
+    )
+    (self.tmp / "arrays").mkdir()
 
   def add(self, p, leaf) -> None:
     entry, group = _leaf_entry(p, leaf)
     entry["name"] = f"leaf{len(self._entries):05d}"
     entry["part"] = f"arrays/part{self._parts:05d}"
     self._entries.append(entry)
-    self._pending[entry["name"]] = group
+    if group:
+      self._pending[entry["name"]] = group
     self._pending_bytes += sum(x.nbytes for x in group.values())
     if self._pending_bytes >= self.max_part_bytes:
       self._flush()
@@ -223,8 +290,15 @@ class Writer:
         **self.extra,
         "leaves": self._entries,
       }
-      _write_manifest(self.tmp, doc)
+      manifest.write(self.tmp, doc)
+      (self.tmp / _MARK).unlink()
+      if self.path.exists():
+        raise FileExistsError(
+          f"{self.path} appeared while this checkpoint was written (another "
+          "writer committed first); this one is not kept"
+        )
       os.rename(self.tmp, self.path)  # the commit point
+      self._owns_tmp = False
     _barrier("qjax_writer_committed")
 
   def __exit__(self, kind, value, traceback):
@@ -241,8 +315,33 @@ class Writer:
   def _abort(self) -> None:
     if self._checkpointer is not None:
       self._checkpointer.close()
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and self._owns_tmp:
       shutil.rmtree(self.tmp, ignore_errors=True)
+      self._owns_tmp = False
+
+
+def _leftover_owner(tmp: pathlib.Path) -> dict | None:
+  try:
+    owner = json.loads((tmp / _MARK).read_text())
+  except (OSError, ValueError):
+    return None
+  if not isinstance(owner, dict) or not {"host", "pid"} <= set(owner):
+    return None
+  return owner
+
+
+def _alive(owner: dict) -> bool:
+  """Whether the marked writer may still run: a live pid on this host, or
+  any writer on another host (qjax cannot see it)."""
+  if owner["host"] != socket.gethostname():
+    return True
+  try:
+    os.kill(int(owner["pid"]), 0)
+  except ProcessLookupError:
+    return False
+  except (PermissionError, ValueError, TypeError, OverflowError):
+    return True
+  return True
 
 
 def save(
@@ -262,27 +361,9 @@ def save(
       w.add(p, leaf)
 
 
-def _write_manifest(directory: pathlib.Path, doc: dict) -> None:
-  tmp = directory / "qjax.json.tmp"
-  tmp.write_text(json.dumps(doc, indent=1))
-  os.rename(tmp, directory / "qjax.json")
-
-
 def load_metadata(path) -> dict:
-  path = pathlib.Path(path)
-  meta_file = path / "qjax.json"
-  if not meta_file.exists():
-    raise ValueError(f"{path} is not a complete qjax checkpoint: no qjax.json")
-  try:
-    doc = json.loads(meta_file.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{meta_file} is corrupt: {e}") from e
-  if doc.get("format_version") not in READABLE_VERSIONS:
-    raise ValueError(
-      f"{path}: checkpoint format {doc.get('format_version')} is not one of "
-      f"{READABLE_VERSIONS} (written by qjax {doc.get('qjax_version')})"
-    )
-  return doc
+  """The checkpoint's verified manifest (qjax.io.manifest.read)."""
+  return manifest.read(path)
 
 
 def _sharding(a: dict, mesh) -> jax.sharding.Sharding:
@@ -364,32 +445,37 @@ def iter_leaves(path, *, mesh=None, shardings=None, verify: bool = True):
     parts.setdefault(e.get("part", "arrays"), []).append(e)
   checkpointer = ocp.StandardCheckpointer()
   for part, entries in parts.items():
-    target = {}
+    target, empty = {}, {}
     for e in entries:
       where = "/".join(e["path"])
-      target[e["name"]] = {
-        f: jax.ShapeDtypeStruct(
-          tuple(a["shape"]),
-          np.dtype(a["dtype"]),
-          sharding=(
-            shardings(where, f, tuple(a["shape"]))
-            if shardings is not None
-            else _sharding(a, mesh)
-          ),
+      for f, a in e["arrays"].items():
+        sharding = (
+          shardings(where, f, tuple(a["shape"]))
+          if shardings is not None
+          else _sharding(a, mesh)
         )
-        for f, a in e["arrays"].items()
-      }
-    try:
-      arrays = checkpointer.restore(path / part, target)
-    except Exception as e:  # orbax raises many types for damaged files
-      names = ", ".join(repr("/".join(x["path"])) for x in entries[:3])
-      raise ValueError(
-        f"{path}: cannot read {part} (leaves {names}...): "
-        f"{type(e).__name__}: {e}"
-      ) from e
+        spec = jax.ShapeDtypeStruct(
+          tuple(a["shape"]), np.dtype(a["dtype"]), sharding=sharding
+        )
+        if math.prod(a["shape"]):
+          target.setdefault(e["name"], {})[f] = spec
+        else:  # zero-size: nothing on disk
+          empty.setdefault(e["name"], {})[f] = jax.device_put(
+            np.zeros(spec.shape, spec.dtype), sharding
+          )
+    arrays = {}
+    if target:
+      try:
+        arrays = checkpointer.restore(path / part, target)
+      except Exception as e:  # orbax raises many types for damaged files
+        names = ", ".join(repr("/".join(x["path"])) for x in entries[:3])
+        raise ValueError(
+          f"{path}: cannot read {part} (leaves {names}...): "
+          f"{type(e).__name__}: {e}"
+        ) from e
     for e in entries:
       where = "/".join(e["path"])
-      got = arrays[e["name"]]
+      got = {**arrays.get(e["name"], {}), **empty.get(e["name"], {})}
       for f, a in e["arrays"].items():
         x = got[f]
         if list(np.shape(x)) != a["shape"] or (

@@ -16,6 +16,7 @@ tensor 'a.b.weight' becomes the leaf 'a/b/weight', untransposed.
 A damaged file is a ValueError naming the file and, once reading, the leaf.
 """
 
+import math
 import pathlib
 
 import jax
@@ -53,7 +54,15 @@ class Source:
 
 def _from_host(spec, sharding, get_slice):
   """A global array from get_slice(index) -> np.ndarray (index: a tuple of
-  slices into the leaf); without a sharding, the whole leaf."""
+  slices into the leaf); without a sharding, the whole leaf. A zero-size
+  leaf has no bytes to read."""
+  if math.prod(spec.shape) == 0:
+    zeros = np.zeros(spec.shape, spec.dtype)
+    return (
+      jnp.asarray(zeros)
+      if sharding is None
+      else jax.device_put(zeros, sharding)
+    )
   if sharding is None:
     return jnp.asarray(get_slice(tuple(slice(None) for _ in spec.shape)))
   return jax.make_array_from_callback(spec.shape, sharding, get_slice)
@@ -68,7 +77,15 @@ class _NamedTensors(Source):
       raise FileNotFoundError(f"{self.file}: no such file")
     shapes = self._tensor_shapes()
     if names is None:
-      names = {k.replace(".", "/"): (k, False) for k in shapes}
+      names = {}
+      for k in shapes:
+        path = k.replace(".", "/")
+        if path in names:  # 'a.kernel' and 'a/kernel' would both be a/kernel
+          raise ValueError(
+            f"{self.file}: tensors {names[path][0]!r} and {k!r} both map to "
+            f"the path {path!r}; pass names= to tell them apart"
+          )
+        names[path] = (k, False)
     missing = sorted(n for n, _ in names.values() if n not in shapes)
     if missing:
       raise ValueError(

@@ -212,28 +212,6 @@ def _rtn(x, fmt, scaling: Scaling, clip_ratios, rounding, key, shrink):
   return packed, grid.stored, grid.zero, grid.tensor_scale
 
 
-def _auto_axes(x: jax.Array) -> jax.Array:
-  """Relabels an Explicit-axes NamedSharding as Auto (same devices, no copy).
-
-  Block statistics reshape a sharded axis into (blocks, block); with
-  sharding-in-types (Explicit axes) that reshape needs an explicit output
-  sharding, while GSPMD (Auto axes) propagates it: codes keep the weight's
-  sharding and scales follow their blocks.
-  """
-  s = getattr(x, "sharding", None)
-  if not isinstance(s, jax.sharding.NamedSharding):
-    return x
-  auto = jax.sharding.AxisType.Auto
-  if all(t == auto for t in s.mesh.axis_types):
-    return x
-  mesh = jax.sharding.Mesh(
-    s.mesh.devices,
-    s.mesh.axis_names,
-    axis_types=(auto,) * len(s.mesh.axis_names),
-  )
-  return jax.device_put(x, jax.sharding.NamedSharding(mesh, s.spec))
-
-
 def rtn(
   w: jax.Array,
   fmt,
@@ -267,6 +245,10 @@ def rtn(
   w = jnp.asarray(w)
   if w.ndim < 1:
     raise ValueError("rtn quantizes tensors of rank >= 1, got a scalar")
+  if w.size == 0:
+    raise ValueError(
+      f"rtn got a zero-size tensor {tuple(w.shape)}: nothing to quantize"
+    )
   unsigned = isinstance(fmt, integer.IntFormat) and not fmt.signed
   if unsigned != scaling.zero_point:
     raise ValueError(
@@ -276,7 +258,7 @@ def rtn(
   if rounding == "stochastic" and key is None:
     raise ValueError("rounding='stochastic' needs an explicit jax.random key")
   scaling.block_shape(w.shape)  # raises on a block that does not divide
-  x = _auto_axes(exmy.as_float32(w, "w"))
+  x = qtensor.auto_axes(exmy.as_float32(w, "w"))
   parts = _rtn(
     x,
     _saturating(fmt),

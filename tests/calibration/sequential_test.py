@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import absltest
 
 import qjax
@@ -44,6 +45,7 @@ class DenseHessiansTest(absltest.TestCase):
 
 
 class SequentialTest(absltest.TestCase):
+  @pytest.mark.e2e  # a whole real model: make test-quick skips it
   def test_gptq_sees_quantized_inputs(self):
     params = smollm2.load_params(layers=2)
     ids = jnp.asarray(

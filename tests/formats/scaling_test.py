@@ -65,6 +65,12 @@ class ScalingTest(parameterized.TestCase):
       formats.Scaling("block", (0,), ())
     with self.assertRaisesRegex(ValueError, "NVFP4"):
       formats.Scaling("block", (0,), (16,), "float32", tensor_scale=True)
+    # A spec must describe the scaling: one block per axis, axes distinct.
+    with self.assertRaisesRegex(ValueError, "block axes must differ"):
+      formats.Scaling("block", (0, 0), (2, 2))
+    aliased = formats.Scaling("block", (0, -2), (2, 2))
+    with self.assertRaisesRegex(ValueError, "name the same axis"):
+      aliased.block_shape((4, 4))
 
 
 if __name__ == "__main__":

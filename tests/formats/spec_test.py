@@ -166,6 +166,8 @@ class SpecTest(parameterized.TestCase):
     ("nf4@away", "does not apply to a codebook"),
     ("float9", "'float9' is not a known format"),
     ("nvfp4@midmax", "'@midmax' is not a scale rule"),
+    ("e5m2b-999", "'e5m2b-999' is not a valid float.*overflows float32"),
+    ("e5m2b999", "'e5m2b999' is not a valid float.*below float32"),
   )
   def test_bad_specs_name_the_part(self, text, message):
     with self.assertRaisesRegex(ValueError, message) as ctx:

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import socket
 import tempfile
 from unittest import mock
 
@@ -14,7 +15,7 @@ from absl.testing import absltest
 
 import qjax
 from qjax import formats
-from qjax.io import checkpoint
+from qjax.io import checkpoint, manifest
 from qjax.transforms import residual
 
 
@@ -150,7 +151,9 @@ class CheckpointTest(absltest.TestCase):
         terms=[parts[f"t{k}"] for k in range(meta["order"])],
       )
     (self.dir / "pipe" / "qjax.json").write_text(json.dumps(doc))
-    old = checkpoint.restore(self.dir / "pipe")
+    (self.dir / "pipe" / "qjax.sha256").unlink()  # format 2 had none
+    with self.assertWarnsRegex(UserWarning, "no manifest checksum"):
+      old = checkpoint.restore(self.dir / "pipe")
     np.testing.assert_array_equal(
       old["d"]["kernel"].dequantize(), q["d"]["kernel"].dequantize()
     )
@@ -217,12 +220,103 @@ class CheckpointTest(absltest.TestCase):
     # Interrupt after orbax has finished writing the arrays, just before
     # the manifest; patching json.dumps itself would also break orbax's
     # own metadata thread and make the test race with it.
-    with mock.patch.object(
-      checkpoint, "_write_manifest", side_effect=KeyboardInterrupt
-    ):
+    with mock.patch.object(manifest, "write", side_effect=KeyboardInterrupt):
       with self.assertRaises(KeyboardInterrupt):
         checkpoint.save(self.dir / "ck", q)
     self.assertEqual(list(self.dir.iterdir()), [])
+
+  def test_a_partial_directory_is_removed_only_when_it_is_ours(self):
+    q, _ = _qtree()
+    mine = self.dir / "user.partial"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with self.assertRaisesRegex(FileExistsError, "not made by a qjax writer"):
+      checkpoint.save(self.dir / "user", q)
+    self.assertEqual((mine / "notes.txt").read_text(), "keep me")
+    # A live writer (this very process) holds the path: a second is refused.
+    busy = self.dir / "busy.partial"
+    busy.mkdir()
+    (busy / "WRITER").write_text(
+      json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
+    )
+    with self.assertRaisesRegex(FileExistsError, "being written by process"):
+      checkpoint.save(self.dir / "busy", q)
+    self.assertTrue(busy.exists())
+    # Two writers in one process, interleaved: the second cannot start.
+    with checkpoint.Writer(self.dir / "twice") as first:
+      with self.assertRaises(FileExistsError):
+        with checkpoint.Writer(self.dir / "twice"):
+          pass
+      first.add(("x",), np.ones(3, np.float32))
+    np.testing.assert_array_equal(
+      checkpoint.restore(self.dir / "twice")["x"], 1
+    )
+
+  def test_dtypes_round_trip_or_are_refused_at_save(self):
+    tree = {
+      "f32": np.arange(4, dtype=np.float32),
+      "bf16": jnp.arange(4, dtype=jnp.bfloat16),
+      "f16": np.arange(4, dtype=np.float16),
+      "i8": np.arange(4, dtype=np.int8),
+      "u32": np.arange(4, dtype=np.uint32),
+      "bool": np.array([True, False]),
+      "empty": np.zeros((0, 3), np.float32),
+    }
+    checkpoint.save(self.dir / "dt", tree)
+    back = checkpoint.restore(self.dir / "dt")
+    for k, v in tree.items():
+      self.assertEqual(np.dtype(back[k].dtype), np.dtype(v.dtype), k)
+      np.testing.assert_array_equal(back[k], v)
+    for bad in (np.zeros(3, np.float64), np.zeros(3, np.int64)):
+      with self.assertRaisesRegex(ValueError, "'x'.*jax_enable_x64"):
+        checkpoint.save(self.dir / "bad", {"x": bad})
+      self.assertEqual(sorted(p.name for p in self.dir.iterdir()), ["dt"])
+
+  def test_zero_size_leaves_end_to_end(self):
+    params = {
+      "e": {"kernel": jnp.zeros((0, 8))},
+      "k": {"kernel": jnp.ones((8, 8))},
+    }
+    recipe = qjax.Recipe((qjax.rule("kernel", "int4"),))
+    self.assertIn("zero-size", qjax.plan(params, recipe)["e/kernel"])
+    q = qjax.quantize(params, recipe)
+    self.assertIs(q["e"]["kernel"], params["e"]["kernel"])
+    checkpoint.save(self.dir / "z", q)
+    back = checkpoint.restore(self.dir / "z")
+    self.assertEqual(back["e"]["kernel"].shape, (0, 8))
+    with self.assertRaisesRegex(ValueError, "zero-size"):
+      qjax.rtn(jnp.zeros((0, 8)), formats.get("int4"), formats.per_channel())
+
+  def test_restore_onto_an_explicit_axes_mesh_dequantizes(self):
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from qjax import kernels
+
+    auto = jax.make_mesh((4,), ("x",), axis_types=(AxisType.Auto,))
+    w = jax.device_put(
+      jax.random.normal(jax.random.key(0), (64, 32)),
+      NamedSharding(auto, P(None, "x")),
+    )
+    recipe = qjax.Recipe((qjax.rule("a/", "mxfp4"), qjax.rule("b/", "nvfp4")))
+    q = qjax.quantize({"a": {"kernel": w}, "b": {"kernel": w}}, recipe)
+    checkpoint.save(self.dir / "sh", q)
+    explicit = jax.make_mesh((4,), ("x",), axis_types=(AxisType.Explicit,))
+    back = checkpoint.restore(self.dir / "sh", mesh=explicit)
+    self.assertEqual(back["a"]["kernel"].codes.sharding.spec, P(None, "x"))
+    want = qjax.dequantize(q)
+    x = jnp.ones((3, 64))
+    for f in (qjax.dequantize, jax.jit(qjax.dequantize)):
+      got = f(back)
+      for k in "ab":
+        np.testing.assert_array_equal(got[k]["kernel"], want[k]["kernel"])
+    for k in "ab":
+      np.testing.assert_allclose(
+        kernels.qmatmul(x, back[k]["kernel"]),
+        x @ want[k]["kernel"],
+        rtol=1e-5,
+        atol=1e-5,
+      )
 
   def test_refuses_to_overwrite(self):
     q, _ = _qtree()

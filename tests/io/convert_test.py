@@ -1,13 +1,17 @@
 """Checkpoint conversion in one process (8 simulated devices, conftest.py):
 streamed leaf by leaf, equal to qjax.quantize, loud on damaged input."""
 
+import json
 import pathlib
 import shutil
+import socket
+import subprocess
 import tempfile
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from absl.testing import absltest
 from jax.sharding import PartitionSpec as P
 
@@ -119,6 +123,7 @@ class ConvertTest(absltest.TestCase):
     convert.convert(source, RECIPE, out, progress=False)
     self.assertEqual(digests(out), digests(self.out))
 
+  @pytest.mark.e2e  # a whole real model: make test-quick skips it
   def test_gguf_source_reads_smollm2_sharded(self):
     source = sources.GGUFSource(smollm2.gguf_path(), smollm2.gguf_names(1))
     self.assertLen(source.specs(), 11)
@@ -140,19 +145,37 @@ class ConvertTest(absltest.TestCase):
     for path, w in want.items():
       np.testing.assert_array_equal(got[path], w, err_msg=path)
 
+  @pytest.mark.e2e  # a whole real model: make test-quick skips it
   def test_leftover_of_an_interrupted_run_is_replaced(self):
     out = self.dir / "rerun"
     partial = out.with_name(out.name + ".partial")
     (partial / "arrays" / "part00000").mkdir(parents=True)
     (partial / "arrays" / "part00000" / "junk").write_text("half")
     source = sources.GGUFSource(smollm2.gguf_path(), smollm2.gguf_names(1))
+    # Without a writer's mark the directory is not ours to delete.
+    with self.assertRaisesRegex(FileExistsError, "not made by a qjax writer"):
+      convert.convert(source, RECIPE, out, progress=False)
+    self.assertTrue((partial / "arrays" / "part00000" / "junk").exists())
+    # A writer that died leaves its mark; its leftover is replaced.
+    pid = _dead_pid()
+    (partial / "WRITER").write_text(
+      json.dumps({"host": socket.gethostname(), "pid": pid})
+    )
     convert.convert(source, RECIPE, out, progress=False)
     self.assertFalse(partial.exists())
     back = checkpoint.restore(out)
     self.assertIsInstance(back["layer_0"]["q"]["kernel"], qtensor.QTensor)
 
 
+def _dead_pid() -> int:
+  """The pid of a process that has exited."""
+  proc = subprocess.Popen(["true"])  # noqa: S603, S607
+  proc.wait()
+  return proc.pid
+
+
 class CalibratedConvertTest(absltest.TestCase):
+  @pytest.mark.e2e  # a whole real model: make test-quick skips it
   def test_block_streamed_gptq_equals_quantize_with_calib(self):
     from configs import convert as convert_config
     from experiments import tasks

@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import absltest
 
 import qjax
@@ -32,6 +33,7 @@ def _smollm2(layers=None, fmt="int4", block=128):
 
 
 class SmolLM2Test(absltest.TestCase):
+  @pytest.mark.e2e  # a whole real model: make test-quick skips it
   def test_greedy_tokens_through_qmatmul_equal_dequantized_float(self):
     _, q = _smollm2()
     model = smollm2.model_for(q)
@@ -46,6 +48,7 @@ class SmolLM2Test(absltest.TestCase):
     np.testing.assert_array_equal(through_qmatmul, through_float)
     self.assertGreater(len(set(np.asarray(through_float).tolist())), 4)
 
+  @pytest.mark.e2e  # a whole real model: make test-quick skips it
   def test_triton_kernel_path_matches_dequantized_model(self):
     # Two blocks through the Pallas Triton kernel (interpret mode), MXFP4.
     params = smollm2.load_params(layers=2)

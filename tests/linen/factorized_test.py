@@ -145,6 +145,7 @@ def test_macs_count_the_sequence_at_the_right_resolutions():
   assert list(cp_layers.macs(conv, dense, x).values()) == [16 * 9 * 5 * 6]
 
 
+@pytest.mark.e2e  # a whole real model: make test-quick skips it
 def test_factorize_the_real_fmnist_cnn():
   params = fmnist_cnn.load_params()
   tree, report = cp_layers.factorize(

@@ -1,6 +1,7 @@
 """SmolLM2: NumPy reference forward, tokenizer, and KJV perplexity."""
 
 import numpy as np
+import pytest
 from absl.testing import absltest
 
 from qjax import datasets
@@ -96,6 +97,7 @@ class SmolLM2Test(absltest.TestCase):
     self.assertEqual(digits, ["1", "2", "3", "4"])  # split one by one
     self.assertEqual(enc.ids[:3], [788, 260, 3616])  # "In", " the", " beg.."
 
+  @pytest.mark.e2e  # a whole real model: make test-quick skips it
   def test_kjv_perplexity_matches_independent_measurement(self):
     # ../shared/DATA.md: 6.35 with an independent implementation (8 windows
     # of 512 tokens from the first token, labels removed, no BOS).

@@ -1,0 +1,46 @@
+"""Float parameter files read leaf by leaf: names, zero-size tensors."""
+
+import pathlib
+import tempfile
+
+import numpy as np
+from absl.testing import absltest
+from safetensors.numpy import save_file
+
+from qjax.io import sources
+
+
+class SafetensorsTest(absltest.TestCase):
+  def setUp(self):
+    super().setUp()
+    self.dir = pathlib.Path(tempfile.mkdtemp())
+
+  def test_zero_size_tensors_read_as_empty(self):
+    save_file(
+      {
+        "a.kernel": np.ones((2, 3), np.float32),
+        "e": np.zeros((0, 3), np.float32),
+      },
+      self.dir / "x.safetensors",
+    )
+    s = sources.open_source(self.dir / "x.safetensors")
+    self.assertEqual(sorted(s.specs()), ["a/kernel", "e"])
+    self.assertEqual(s.read("e").shape, (0, 3))
+    np.testing.assert_array_equal(s.read("a/kernel"), np.ones((2, 3)))
+
+  def test_names_that_collide_after_normalisation_are_an_error(self):
+    save_file(
+      {
+        "a.kernel": np.ones((2, 2), np.float32),
+        "a/kernel": np.ones((1, 2), np.float32),
+      },
+      self.dir / "y.safetensors",
+    )
+    with self.assertRaisesRegex(
+      ValueError, "'a.kernel' and 'a/kernel' both map to the path 'a/kernel'"
+    ):
+      sources.open_source(self.dir / "y.safetensors")
+
+
+if __name__ == "__main__":
+  absltest.main()
