@@ -4,7 +4,6 @@ refinement that expands what the quantizer left)."""
 import dataclasses
 from typing import ClassVar
 
-from qjax.formats import integer
 from qjax.formats.rounding import ROUNDING_MODES
 from qjax.methods import base
 from qjax.quantizers import rtn as rtn_lib
@@ -76,18 +75,7 @@ class Pipe(base.Refinement):
     base.one_of(self.rank_by, residual.RANK_BY, "rank_by", "Pipe")
 
   def check(self, fmt, scaling):
-    if scaling.zero_point or (
-      isinstance(fmt, integer.IntFormat) and not fmt.signed
-    ):
-      raise ValueError(
-        f"Pipe needs a signed, symmetric grid (a residual is centred on 0); "
-        f"{fmt} with zero_point={scaling.zero_point} is not"
-      )
-    if scaling.tensor_scale:
-      raise ValueError(
-        "Pipe gives each order its own scales; a second-level tensor scale "
-        "(NVFP4) is not supported"
-      )
+    residual.check_grid(fmt, scaling)
 
   def refine(self, result, *, original, weight, fmt, scaling, stats):
     if result.bias is not None:

@@ -22,9 +22,13 @@ def _check_per_tensor(scaling, method: str) -> None:
     )
 
 
-def _factorized(w, fmt, method, rate, solver):
-  rank = fz.cp_rank(tuple(w.shape), rate)
-  leaf, info = cp_kernel.factorize_kernel(w, rank, fmt, method, **solver)
+def _factorized(w, fmt, method):
+  """A CPKernel of w from the method's options: its rate gives the rank,
+  its seed the CP-ALS start's key, the rest go to the solver."""
+  solver = dataclasses.asdict(method)
+  rank = fz.cp_rank(tuple(w.shape), solver.pop("rate"))
+  solver["key"] = jax.random.key(solver.pop("seed"))
+  leaf, info = cp_kernel.factorize_kernel(w, rank, fmt, method.name, **solver)
   for message in info.pop("warnings", ()):  # e.g. QAF's sweep cap
     warnings.warn(message, stacklevel=3)
   return base.Result(leaf, info)
@@ -57,10 +61,7 @@ class QAF(base.Quantizer):
     _check_per_tensor(scaling, "QAF")
 
   def quantize(self, w, fmt, scaling, stats):
-    solver = dataclasses.asdict(self)
-    rate = solver.pop("rate")
-    solver["key"] = jax.random.key(solver.pop("seed"))
-    return _factorized(w, fmt, "qaf", rate, solver)
+    return _factorized(w, fmt, self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +81,4 @@ class FTQ(base.Quantizer):
     _check_per_tensor(scaling, "FTQ")
 
   def quantize(self, w, fmt, scaling, stats):
-    solver = dataclasses.asdict(self)
-    rate = solver.pop("rate")
-    solver["key"] = jax.random.key(solver.pop("seed"))
-    return _factorized(w, fmt, "ftq", rate, solver)
+    return _factorized(w, fmt, self)

@@ -186,8 +186,8 @@ def keeps_per_order(keep, order: int) -> tuple[float, ...]:
   return tuple(float(g) for g in keeps)
 
 
-def check_format(fmt, scaling: Scaling, shape, sparse: bool) -> None:
-  """Raises ValueError for a format/scaling the expansion cannot use."""
+def check_grid(fmt, scaling: Scaling) -> None:
+  """Raises ValueError for a grid no residual can use (any shape)."""
   if scaling.zero_point or (
     isinstance(fmt, integer.IntFormat) and not fmt.signed
   ):
@@ -200,6 +200,12 @@ def check_format(fmt, scaling: Scaling, shape, sparse: bool) -> None:
       "residual expansion gives each order its own scales; a second-level "
       "tensor scale (NVFP4) is not supported"
     )
+
+
+def check_format(fmt, scaling: Scaling, shape, sparse: bool) -> None:
+  """Raises ValueError for a format/scaling the expansion cannot use on a
+  weight of `shape` (`sparse`: some order keeps fewer channels)."""
+  check_grid(fmt, scaling)
   block = scaling.block_shape(tuple(shape))
   if sparse and block[-1] != 1 and block[-1] != shape[-1]:
     raise ValueError(

@@ -92,7 +92,7 @@ class NamesTest(absltest.TestCase):
         make()
 
   def test_formats_a_method_cannot_use_fail_at_build(self):
-    with self.assertRaisesRegex(ValueError, "Pipe needs a signed"):
+    with self.assertRaisesRegex(ValueError, "needs a signed, symmetric grid"):
       qjax.rule(
         "k",
         "uint4",
