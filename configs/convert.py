@@ -26,6 +26,9 @@ def get_config(arg=None):
   c.source = "minilm"
   c.layout = "auto"
   c.part_kb = 0
+  # A recipe that quantizes no leaf of the source is an error (it would
+  # write a float copy); True writes it anyway.
+  c.allow_unquantized = False
   # Calibrated methods: the same disjoint calibration text as the
   # smollm2/minilm configs (windows from the end of KJV; verses from its
   # end in batches of 32).

@@ -94,8 +94,11 @@ def run(config, output: str) -> dict:
   recipe = run_lib.recipe_from_config(config)
   source = sources.open_source(source_path(config.source), config.layout)
   part = config.part_kb * 1024 if config.part_kb else None
+  allow = bool(config.allow_unquantized)
   if not recipe.needs_calibration:
-    return convert.convert(source, recipe, output, max_part_bytes=part)
+    return convert.convert(
+      source, recipe, output, max_part_bytes=part, allow_unquantized=allow
+    )
   model = next(
     (m for m in ("minilm", "smollm2") if m in (config.source, config.layout)),
     None,
@@ -114,6 +117,7 @@ def run(config, output: str) -> dict:
     task.block_model(params),
     task.calibration_batches(config),
     max_part_bytes=part,
+    allow_unquantized=allow,
   )
 
 

@@ -40,6 +40,7 @@ def quantize(
   grams=None,
   progress: bool = False,
   report_unused: bool = True,
+  allow_unquantized: bool = False,
 ):
   """Quantizes every leaf a rule of `recipe` decides; others pass through.
 
@@ -58,6 +59,8 @@ def quantize(
       MagR(statistics='last_sample').
     progress: show a progress bar.
     report_unused: warn about rules that matched nothing.
+    allow_unquantized: return the tree unchanged when no leaf matches a
+      quantizing rule (otherwise that is an error).
 
   Returns:
     The same tree with quantized leaves where rules applied.
@@ -65,10 +68,20 @@ def quantize(
   Raises:
     ValueError: NaN/Inf in a weight (naming its path) unless its rule sets
       nan_policy='zero'; a block size that does not divide an axis (naming
-      the path); statistics a method needs that did not reach a leaf.
+      the path); statistics a method needs that did not reach a leaf; no
+      leaf matching a quantizing rule (listing the rules and a sample of
+      the leaf names) unless allow_unquantized.
   Warns:
     UserWarning listing rules that matched no leaf.
   """
+  if not allow_unquantized:
+    dispatch.require_a_match(
+      recipe,
+      (
+        (path_str(p), np.ndim(x), np.size(x))
+        for p, x in jax.tree_util.tree_leaves_with_path(params)
+      ),
+    )
   used = set()
   if calib is not None:
     if hessians is not None or grams is not None:

@@ -120,6 +120,32 @@ def quantize_leaf(
   return apply_rule(recipe.rules[index], w, stats, path).leaf, index
 
 
+def require_a_match(recipe: Recipe, leaves, what: str = "quantize") -> None:
+  """Raises ValueError when no leaf of `leaves` ((path, ndim, size) triples)
+  is decided by a quantizing rule: a recipe written for other parameter
+  names would otherwise pass everything through (or write a float copy)
+  and look like success.
+
+  The message lists the rules and a sample of the leaf names, so the
+  mismatch shows (e.g. llama.cpp's 'blk.0.attn_q.weight' against 'kernel').
+  """
+  leaves = list(leaves)
+  if not any(recipe.match(p, n, s)[0] is not None for p, n, s in leaves):
+    rules = (
+      ", ".join(
+        f"{i}: {r.pattern!r}" for i, r in enumerate(recipe.rules) if not r.skips
+      )
+      or "none"
+    )
+    sample = ", ".join(repr(p) for p, _, _ in leaves[:8])
+    raise ValueError(
+      f"{what}: no parameter matched a quantizing rule (rules {rules};"
+      f" {len(leaves)} leaves, e.g. {sample}). Fix the patterns (qjax.plan "
+      "shows each leaf's fate), or pass allow_unquantized=True to quantize "
+      "nothing on purpose"
+    )
+
+
 def quantize_tree(
   params,
   recipe: Recipe,

@@ -102,6 +102,10 @@ def _row(spec, w, leaf, index) -> dict:
   return row
 
 
+def _leaves_of(specs):
+  return ((path, len(s.shape), math.prod(s.shape)) for path, s in specs.items())
+
+
 def _largest_leaf(specs) -> int:
   return max(
     math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in specs.values()
@@ -118,6 +122,7 @@ def convert(
   key: jax.Array | None = None,
   max_part_bytes: int | None = None,
   progress: bool = True,
+  allow_unquantized: bool = False,
 ) -> dict:
   """Quantizes every leaf of `source` with `recipe` into the checkpoint
   `out` (see qjax.checkpoint), one leaf at a time.
@@ -134,6 +139,8 @@ def convert(
       default the largest float leaf's bytes, so the buffer never holds
       more than about two leaves.
     progress: a progress bar (on process 0).
+    allow_unquantized: write the checkpoint even when no leaf matches a
+      quantizing rule (otherwise an error before anything is written).
 
   Returns:
     A summary: per leaf {shape, bytes before/after, bits_per_weight,
@@ -155,6 +162,10 @@ def convert(
   mesh = default_mesh() if mesh is None else mesh
   devices = mesh.shape["x"]
   specs = source.specs()
+  if not allow_unquantized:
+    dispatch.require_a_match(
+      recipe, _leaves_of(specs), f"convert {source.file}"
+    )
   if max_part_bytes is None:
     max_part_bytes = _largest_leaf(specs)
   rows, used = {}, set()
@@ -238,6 +249,7 @@ def convert_calibrated(
   key: jax.Array | None = None,
   max_part_bytes: int | None = None,
   progress: bool = True,
+  allow_unquantized: bool = False,
 ) -> dict:
   """`convert` for calibrated recipes (gptq, magr+rtn, magr+gptq), block by
   block: equal to qjax.quantize(params, recipe, calib=(block_model,
@@ -265,6 +277,10 @@ def convert_calibrated(
     "qjax.quantize(params, recipe, calib=...) and qjax.checkpoint.save",
   )
   specs = source.specs()
+  if not allow_unquantized:
+    dispatch.require_a_match(
+      recipe, _leaves_of(specs), f"convert {source.file}"
+    )
   if max_part_bytes is None:
     max_part_bytes = _largest_leaf(specs)
   rows = {}

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import warnings
 
 import jax
 import numpy as np
@@ -14,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 from absl.testing import absltest
 from jax.sharding import PartitionSpec as P
+from safetensors.numpy import save_file
 
 import qjax
 from qjax import formats, paths, qtensor
@@ -165,6 +167,39 @@ class ConvertTest(absltest.TestCase):
     self.assertFalse(partial.exists())
     back = checkpoint.restore(out)
     self.assertIsInstance(back["layer_0"]["q"]["kernel"], qtensor.QTensor)
+
+
+class NothingMatchesTest(absltest.TestCase):
+  def test_a_recipe_that_matches_nothing_is_an_error_before_writing(self):
+    d = pathlib.Path(tempfile.mkdtemp())
+    save_file(
+      {
+        "token_embd.weight": np.ones((16, 8), np.float32),
+        "blk.0.attn_q.weight": np.ones((8, 8), np.float32),
+      },
+      d / "llama.safetensors",
+    )
+    source = sources.open_source(d / "llama.safetensors")
+    recipe = qjax.Recipe((qjax.rule("kernel", "int4"),))
+    with self.assertRaisesRegex(
+      ValueError,
+      "no parameter matched a quantizing rule.*0: 'kernel'.*"
+      "'blk/0/attn_q/weight'",
+    ):
+      convert.convert(source, recipe, d / "out", progress=False)
+    self.assertEqual(sorted(p.name for p in d.iterdir()), ["llama.safetensors"])
+    with self.assertRaisesRegex(ValueError, "no parameter matched"):
+      qjax.quantize({"w": np.ones((8, 8), np.float32)}, recipe)
+    with warnings.catch_warnings(record=True):
+      warnings.simplefilter("always")
+      same = qjax.quantize(
+        {"w": np.ones((8, 8), np.float32)}, recipe, allow_unquantized=True
+      )
+    np.testing.assert_array_equal(same["w"], 1)
+    convert.convert(
+      source, recipe, d / "out", progress=False, allow_unquantized=True
+    )
+    self.assertTrue((d / "out" / "qjax.json").exists())
 
 
 def _dead_pid() -> int:
