@@ -102,8 +102,18 @@ def _row(spec, w, leaf, index) -> dict:
   return row
 
 
-def _leaves_of(specs):
-  return ((path, len(s.shape), math.prod(s.shape)) for path, s in specs.items())
+def _plan(source, recipe, allow_unquantized, max_part_bytes):
+  """(the source's specs, the part size), after checking, before anything
+  is written, that the recipe quantizes some leaf."""
+  specs = source.specs()
+  if not allow_unquantized:
+    leaves = (
+      (path, len(s.shape), math.prod(s.shape)) for path, s in specs.items()
+    )
+    dispatch.require_a_match(recipe, leaves, f"convert {source.file}")
+  if max_part_bytes is None:
+    max_part_bytes = _largest_leaf(specs)
+  return specs, max_part_bytes
 
 
 def _largest_leaf(specs) -> int:
@@ -161,13 +171,9 @@ def convert(
   )
   mesh = default_mesh() if mesh is None else mesh
   devices = mesh.shape["x"]
-  specs = source.specs()
-  if not allow_unquantized:
-    dispatch.require_a_match(
-      recipe, _leaves_of(specs), f"convert {source.file}"
-    )
-  if max_part_bytes is None:
-    max_part_bytes = _largest_leaf(specs)
+  specs, max_part_bytes = _plan(
+    source, recipe, allow_unquantized, max_part_bytes
+  )
   rows, used = {}, set()
   with checkpoint.Writer(
     out, recipe=recipe, max_part_bytes=max_part_bytes
@@ -276,13 +282,9 @@ def convert_calibrated(
     "need both activation streams and are not streamed: use "
     "qjax.quantize(params, recipe, calib=...) and qjax.checkpoint.save",
   )
-  specs = source.specs()
-  if not allow_unquantized:
-    dispatch.require_a_match(
-      recipe, _leaves_of(specs), f"convert {source.file}"
-    )
-  if max_part_bytes is None:
-    max_part_bytes = _largest_leaf(specs)
+  specs, max_part_bytes = _plan(
+    source, recipe, allow_unquantized, max_part_bytes
+  )
   rows = {}
   with checkpoint.Writer(
     out, recipe=recipe, max_part_bytes=max_part_bytes
