@@ -260,6 +260,17 @@ def as_tuple(obj, name: str, kind=float) -> None:
   object.__setattr__(obj, name, tuple(kind(v) for v in getattr(obj, name)))
 
 
+def check_input_axis_blocks(scaling, method: str) -> None:
+  """Raises ValueError unless blocks run along the input axis (0 or -2 of
+  a Dense kernel [in, out]): methods that walk input rows need whole
+  blocks of consecutive rows."""
+  if scaling.mode == "block" and any(a % 2 != 0 for a in scaling.axes):
+    raise ValueError(
+      f"{method} blocks run along the input axis (0 or -2); got blocks "
+      f"along {scaling.axes}"
+    )
+
+
 def one_of(value, choices, option: str, method: str) -> None:
   if value not in choices:
     raise ValueError(

@@ -12,15 +12,6 @@ from qjax.quantizers import gptq as gptq_lib
 from qjax.transforms import magr as magr_lib
 
 
-def _check_input_axis_blocks(scaling, method: str) -> None:
-  # Groups are consecutive input rows: blocks along axis 0 (= -2) only.
-  if scaling.mode == "block" and any(a % 2 != 0 for a in scaling.axes):
-    raise ValueError(
-      f"{method} groups run along the input axis (0 or -2); got blocks "
-      f"along {scaling.axes}"
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class GPTQ(base.Quantizer):
   """OPTQ/GPTQ (qjax.quantizers.gptq.gptq) on a Dense kernel [in, out].
@@ -46,7 +37,7 @@ class GPTQ(base.Quantizer):
       raise ValueError(f"GPTQ: block_size must be >= 1; got {self.block_size}")
 
   def check(self, fmt, scaling):
-    _check_input_axis_blocks(scaling, "GPTQ")
+    base.check_input_axis_blocks(scaling, "GPTQ")
 
   def quantize(self, w, fmt, scaling, stats):
     qt, info = gptq_lib.gptq(
@@ -136,7 +127,7 @@ class CoordinateDescent(base.Refinement):
       )
 
   def check(self, fmt, scaling):
-    _check_input_axis_blocks(scaling, "CoordinateDescent")
+    base.check_input_axis_blocks(scaling, "CoordinateDescent")
 
   def refine(self, result, *, original, weight, fmt, scaling, stats):
     if not qtensor.is_qtensor(result.leaf):

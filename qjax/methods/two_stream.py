@@ -10,13 +10,6 @@ from qjax.methods import base
 from qjax.quantizers import error_diffusion as ed
 
 
-def _check_input_axis_blocks(scaling, method: str) -> None:
-  if scaling.mode == "block" and any(a % 2 != 0 for a in scaling.axes):
-    raise ValueError(
-      f"{method} blocks run along the input axis (0 or -2); got {scaling.axes}"
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class ErrorDiffusion(base.Quantizer):
   """Error Diffusion: adjust W against both streams, then round.
@@ -36,7 +29,7 @@ class ErrorDiffusion(base.Quantizer):
     base.one_of(self.adjust, ed.ADJUSTS, "adjust", "ErrorDiffusion")
 
   def check(self, fmt, scaling):
-    _check_input_axis_blocks(scaling, "ErrorDiffusion")
+    base.check_input_axis_blocks(scaling, "ErrorDiffusion")
 
   def quantize(self, w, fmt, scaling, stats):
     qt, info = ed.error_diffusion(
@@ -75,7 +68,7 @@ class GPFQ(base.Quantizer):
     base.one_of(self.scales, ed.GPFQ_SCALES, "scales", "GPFQ")
 
   def check(self, fmt, scaling):
-    _check_input_axis_blocks(scaling, "GPFQ")
+    base.check_input_axis_blocks(scaling, "GPFQ")
 
   def quantize(self, w, fmt, scaling, stats):
     return ed.gpfq(w, stats.g, stats.c, fmt, scaling, scales=self.scales)
