@@ -114,7 +114,7 @@ def rule(
   scaling: Scaling | None = None,
   *,
   method: Any = "rtn",
-  axis: int = 0,
+  axis: int = -2,
   ragged: bool | None = None,
   nan_policy: str = "raise",
   **options,
@@ -131,8 +131,10 @@ def rule(
       QAF/FTQ; block formats fix their own.
     method: a method object (qjax.GPTQ(), ...), a qjax.chain(...), a name
       ('gptq', 'magr+gptq+cd', 'pipe', see qjax.methods.names) or 'skip'.
-    axis: the axis blocks of a block format run along (the contraction
-      axis: 0 of a Dense kernel [in, out]).
+    axis: the axis blocks of a block format run along: the contraction
+      axis, -2 of a Flax Dense kernel [in, out] and of an HWIO conv kernel
+      [h, w, in, out]; -1 for the raw [out, in] layout of PyTorch,
+      safetensors and GGUF sources.
     ragged: for block scalings, whether a block size that does not divide
       its axis leaves a short last block (None: the scaling's own setting).
     nan_policy: 'raise' or 'zero'.
@@ -260,7 +262,7 @@ class Recipe:
           rc.get("format"),
           scaling,
           method=rc.get("method", "rtn"),
-          axis=rc.get("axis", 0),
+          axis=rc.get("axis", -2),
           ragged=rc.get("ragged"),
           nan_policy=rc.get("nan_policy", "raise"),
           **dict(rc.get("options") or {}),

@@ -1,12 +1,36 @@
 """Rules and recipes: building, defaults, matching, and from_config."""
 
 from absl.testing import absltest
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 import qjax
 from qjax import formats
 
 
 class RecipeTest(absltest.TestCase):
+  def test_block_format_runs_along_the_input_axis_of_dense_and_conv(self):
+    r = qjax.rule("kernel", "mxfp4")
+    self.assertEqual(r.scaling.axes, (-2,))
+    key = jax.random.key(0)
+    conv = jax.random.normal(key, (3, 3, 64, 8))  # HWIO: blocks along in
+    dense = jax.random.normal(key, (64, 8))
+    q = qjax.quantize({"c": {"kernel": conv}, "d": {"kernel": dense}},
+                      qjax.Recipe((r,)))
+    self.assertEqual(q["c"]["kernel"].scale.shape, (3, 3, 2, 8))
+    self.assertEqual(q["d"]["kernel"].scale.shape, (2, 8))
+    # Each scale covers 32 input channels of one tap and one output.
+    amax = jnp.abs(conv).reshape(3, 3, 2, 32, 8).max(axis=3)
+    scale = qjax.qtensor.decode_scale(q["c"]["kernel"].scale, r.scaling)
+    np.testing.assert_array_equal(
+      np.asarray(scale), 2.0 ** (np.floor(np.log2(np.asarray(amax))) - 2)
+    )
+
+  def test_raw_out_in_layout_takes_axis_minus_one(self):
+    r = qjax.rule("weight", "mxfp4", axis=-1)
+    self.assertEqual(r.scaling.axes, (-1,))
+
   def test_from_config_per_stage_options_and_ragged(self):
     recipe = qjax.Recipe.from_config(
       {
