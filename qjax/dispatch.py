@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from qjax import qtensor
+from qjax import linear_layers, qtensor
+from qjax.formats import packing
 from qjax.methods import base
 from qjax.paths import path_str
 from qjax.recipe import Recipe, Rule
@@ -51,8 +52,11 @@ def check_finite(path: str, w, nan_policy: str):
 def apply_rule(rule: Rule, w, stats: base.Stats, path: str) -> base.Result:
   """Runs `rule`'s method on the leaf `w` at `path`.
 
-  A method that needs statistics sees a matrix: a pointwise conv kernel
-  [1, 1, in, out] is quantized as [in, out] and viewed back.
+  A method that needs statistics sees a matrix: a conv kernel
+  [*taps, in, out] as [taps * in, out], a DenseGeneral kernel [*in, *out]
+  as [prod(in), prod(out)], a grouped conv group by group; the result is
+  viewed back with the rule's scaling (qtensor.matrix_scaling says which
+  scalings map).
 
   Raises:
     ValueError / TypeError: from the method, or statistics the method needs
@@ -66,8 +70,9 @@ def apply_rule(rule: Rule, w, stats: base.Stats, path: str) -> base.Result:
         f"method {rule.method_name!r} needs {' and '.join(missing)} "
         "statistics and none reached this layer: pass calib=(model, "
         "batches) to qjax.quantize (see qjax.calibration). Only layers that "
-        "calibration sees (Dense, pointwise convs) get statistics: give the "
-        "others a data-free rule (e.g. rtn) ahead of this one"
+        "calibration sees (qjax.linear_layers: Dense, DenseGeneral, Einsum, "
+        "Conv, and their NNX forms) get statistics: give the others a "
+        "data-free rule (e.g. rtn) ahead of this one"
       )
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
@@ -81,23 +86,97 @@ def apply_rule(rule: Rule, w, stats: base.Stats, path: str) -> base.Result:
 
 def _run(rule: Rule, w, stats) -> base.Result:
   if rule.needs and w.ndim > 2:
-    # A pointwise conv [1, 1, in, out]: its statistics are the matrix's.
-    if any(d != 1 for d in w.shape[:-2]):
-      raise ValueError(
-        f"method {rule.method_name!r} quantizes matrices; a conv kernel "
-        f"{tuple(w.shape)} is not pointwise"
-      )
-    inner = _run(rule, w.reshape(w.shape[-2:]), stats)
-    if not qtensor.is_qtensor(inner.leaf):
-      raise ValueError(
-        f"method {rule.method_name!r} on a conv kernel {w.shape} gives a "
-        f"{type(inner.leaf).__name__}; only QTensor results can be viewed as "
-        "convs"
-      )
-    return inner._replace(
-      leaf=qtensor.with_leading_unit_axes(inner.leaf, w.shape)
-    )
+    return _run_as_matrix(rule, w, stats)
   return rule.method(w, rule.fmt, rule.scaling, stats)
+
+
+def _first_stat(stats):
+  for s in (stats.hessian, stats.last_sample, stats.g):
+    if s is not None:
+      return s
+  raise ValueError("no statistics to view this kernel by")
+
+
+def _run_as_matrix(rule: Rule, w, stats) -> base.Result:
+  """A kernel of rank > 2 (a conv [*taps, in_g, out], a DenseGeneral or
+  Einsum kernel [*in, *out]) quantized as its matrix [d, out] against
+  statistics [d, d] (or [G, d, d] per feature group of a grouped conv,
+  each group's columns with its own statistics), then viewed back."""
+  ref = _first_stat(stats)
+  grouped = ref.ndim == 3
+  d = ref.shape[-1]
+  split = w.ndim - 1 if grouped else linear_layers.kernel_split(w.shape, d)
+  scaling = qtensor.matrix_scaling(rule.scaling, w.shape, split)
+  matrix = w.reshape(d, -1)
+  if not grouped:
+    inner = rule.method(matrix, rule.fmt, scaling, stats)
+    return inner._replace(leaf=_view_back(inner.leaf, w.shape, rule))
+  return _run_grouped(rule, w, matrix, scaling, stats)
+
+
+def _view_back(leaf, shape, rule):
+  if not qtensor.is_qtensor(leaf):
+    raise ValueError(
+      f"method {rule.method_name!r} on a kernel {tuple(shape)} gives a "
+      f"{type(leaf).__name__}; only QTensor results can be viewed back"
+    )
+  return qtensor.from_matrix(leaf, shape, rule.scaling)
+
+
+def _group_stats(stats, g: int):
+  pick = {
+    f: (v[g] if f in _PER_GROUP and v is not None else v)
+    for f, v in stats._asdict().items()
+  }
+  return base.Stats(**pick)
+
+
+_PER_GROUP = ("hessian", "last_sample", "g", "c", "mean_x", "mean_xq")
+
+
+def _run_grouped(rule, w, matrix, scaling, stats) -> base.Result:
+  """Feature group by feature group: each group's [d, out/G] columns with
+  its own statistics; the codes and scales are joined along the outputs."""
+  groups = _first_stat(stats).shape[0]
+  if scaling.mode == "tensor" or scaling.tensor_scale:
+    raise ValueError(
+      f"a conv with {groups} feature groups is quantized group by group: "
+      "use per-output-channel or input-axis block scales, not one scale "
+      "per tensor"
+    )
+  out = matrix.shape[1] // groups
+  codes, scales, zeros, infos, biases = [], [], [], [], []
+  for g in range(groups):
+    part = matrix[:, g * out : (g + 1) * out]
+    bias = None if stats.bias is None else stats.bias[g * out : (g + 1) * out]
+    result = rule.method(
+      part, rule.fmt, scaling, _group_stats(stats, g)._replace(bias=bias)
+    )
+    leaf = result.leaf
+    if not qtensor.is_qtensor(leaf):
+      raise ValueError(
+        f"method {rule.method_name!r} on a grouped conv gives a "
+        f"{type(leaf).__name__}; only QTensor results can be joined"
+      )
+    codes.append(packing.unpack(leaf.codes, leaf.fmt.bits, out))
+    scales.append(leaf.scale)
+    zeros.append(leaf.zero)
+    infos.append(result.info)
+    biases.append(result.bias)
+  joined = qtensor.QTensor(
+    packing.pack(jnp.concatenate(codes, axis=-1), leaf.fmt.bits),
+    jnp.concatenate(scales, axis=-1),
+    None if zeros[0] is None else jnp.concatenate(zeros, axis=-1),
+    None,
+    leaf.fmt,
+    scaling,
+    tuple(matrix.shape),
+    leaf.dtype,
+  )
+  bias = None if biases[0] is None else jnp.concatenate(biases)
+  return base.Result(
+    qtensor.from_matrix(joined, w.shape, rule.scaling), tuple(infos), bias
+  )
 
 
 def quantize_leaf(

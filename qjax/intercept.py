@@ -1,22 +1,36 @@
 """The one interception helper: calibration, quantized inference, the CP
-layers and the ensemble all reach a Linen model's layers through `calls`.
+layers and the ensemble all reach a model's layers through it.
 
-  with intercept.calls(handler, is_linear):
+Linen:
+
+  with intercept.calls(handler, select):
     model.apply(variables, x)
 
 runs handler(module, next_fun, args, kwargs) in place of every `__call__` of
 a module for which select(module) holds; the handler calls
 next_fun(*args, **kwargs) to run the layer as written. Nested `calls`
 blocks compose: the one entered first sees a call first.
+
+NNX modules are Python objects with no interception hook, so
+
+  with intercept.nnx_calls(model, handler, select):
+    model(x)
+
+patches `__call__` of the selected modules' classes for the duration of the
+block (only the selected instances of `model` are routed to the handler;
+other instances, and every instance after the block, run as written).
+`path(module)` gives the module's path in the model, Linen or NNX.
 """
 
 import contextlib
+import functools
 from collections.abc import Callable
 
 import flax.linen as nn
-import numpy as np
+from flax import nnx
 
 Handler = Callable[..., object]
+_NNX_PATHS: dict[int, str] = {}
 
 
 def calls(
@@ -45,26 +59,61 @@ def stack(*handlers: tuple[Handler, Callable | None]):
   return stack_
 
 
-def path(module: nn.Module) -> str:
-  """The module's '/'-joined path inside the applied model."""
+def nnx_modules(root: nnx.Module) -> list[tuple[str, nnx.Module]]:
+  """('/'-joined path, module) of every module under root (root: '')."""
+  return [
+    ("/".join(str(k) for k in p), m) for p, m in nnx.iter_modules(root)
+  ]
+
+
+@contextlib.contextmanager
+def nnx_calls(
+  root: nnx.Module,
+  handler: Handler,
+  select: Callable[[nnx.Module], bool] | None = None,
+):
+  """Routes the `__call__` of the selected modules under root to handler
+  (the NNX form of `calls`)."""
+  modules = nnx_modules(root)
+  chosen = {
+    id(m): p for p, m in modules if select is None or select(m)
+  }
+  classes = {type(m) for _, m in modules if id(m) in chosen}
+  originals = {cls: cls.__call__ for cls in classes}
+  owned = {cls: "__call__" in cls.__dict__ for cls in classes}
+
+  def wrap(original):
+    @functools.wraps(original)
+    def routed(self, *args, **kwargs):
+      if id(self) in chosen:
+        return handler(self, functools.partial(original, self), args, kwargs)
+      return original(self, *args, **kwargs)
+
+    return routed
+
+  saved = dict(_NNX_PATHS)
+  _NNX_PATHS.update(chosen)
+  for cls, original in originals.items():
+    cls.__call__ = wrap(original)
+  try:
+    yield
+  finally:
+    for cls, original in originals.items():
+      if owned[cls]:
+        cls.__call__ = original
+      else:
+        delattr(cls, "__call__")
+    _NNX_PATHS.clear()
+    _NNX_PATHS.update(saved)
+
+
+def path(module) -> str:
+  """The module's '/'-joined path inside the applied model (Linen), or
+  inside the root of the enclosing `nnx_calls` (NNX)."""
+  if isinstance(module, nnx.Module):
+    return _NNX_PATHS[id(module)]
   return "/".join(module.scope.path)
 
 
-def is_linear(module: nn.Module) -> bool:
-  """A layer whose input rows meet the kernel as one matmul: nn.Dense, or a
-  1x1 nn.Conv with stride 1 and no groups (MobileNet's pointwise convs;
-  its kernel [1, 1, in, out] is quantized as the matrix [in, out])."""
-  if isinstance(module, nn.Dense):
-    return True
-  if not isinstance(module, nn.Conv):
-    return False
-
-  def ones(v):
-    return v is None or all(int(k) == 1 for k in np.atleast_1d(v))
-
-  return (
-    ones(module.kernel_size)
-    and ones(module.strides)
-    and ones(module.kernel_dilation)
-    and module.feature_group_count == 1
-  )
+def is_nnx(model) -> bool:
+  return isinstance(model, nnx.Module)

@@ -2,7 +2,12 @@
 
 
 def path_str(path) -> str:
-  """'/'-joined keys of a jax tree path."""
+  """'/'-joined keys of a jax tree path. The trailing '.value' of an NNX
+  Variable is dropped, so an NNX state's kernel is 'layers/0/q/kernel' as
+  a Linen tree's is."""
+  path = tuple(path)
+  if path and getattr(path[-1], "name", None) == "value":
+    path = path[:-1]
   parts = []
   for k in path:
     for attr in ("key", "name", "idx"):

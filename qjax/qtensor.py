@@ -234,6 +234,90 @@ def with_leading_unit_axes(qt: "QTensor", shape) -> "QTensor":
   return out
 
 
+def matrix_scaling(scaling: Scaling, shape, split: int) -> Scaling:
+  """The scaling of the matrix view [prod(shape[:split]), prod(shape[split:])]
+  that stores the same scales as `scaling` on a tensor of `shape`.
+
+  A scale block of the tensor must be a run of whole matrix rows and
+  columns: on the input axes (shape[:split]) it covers all of them, or only
+  part of the last; on the output axes all or one element each.
+
+  Raises:
+    ValueError: the blocks of `scaling` cut across that view (naming the
+      shape and the scalings that fit).
+  """
+  shape = tuple(int(n) for n in shape)
+  block = scaling.block_shape(shape)
+  ins, outs = shape[:split], shape[split:]
+  b_in, b_out = block[:split], block[split:]
+  d, o = math.prod(ins), math.prod(outs)
+  if b_out == outs:
+    cols = o
+  elif all(b == 1 for b in b_out):
+    cols = 1
+  else:
+    cols = None
+  if b_in == ins:
+    rows = d
+  elif all(b == 1 for b in b_in[:-1]):
+    rows = b_in[-1]
+  else:
+    rows = None
+  ragged_cut = rows not in (None, d) and split > 1 and ins[-1] % rows != 0
+  if rows is None or cols is None or (cols == o and rows != d) or ragged_cut:
+    raise ValueError(
+      f"scaling {scaling.spec()} on a kernel {shape} with {split} input "
+      "axes does not map onto its matrix view: use one scale per output "
+      "(per_channel(-1) for one output axis, per_block(n, axis) over the "
+      "input axes otherwise), blocks along the last input axis, or one "
+      "scale per tensor"
+    )
+  if rows == d and cols == o:
+    axes, sizes, mode = (), (), "tensor"
+  elif rows == d:
+    axes, sizes, mode = (-1,), (), "channel"
+  else:
+    axes, sizes, mode = (-2,), (rows,), "block"
+  ragged = scaling.ragged and mode == "block"
+  return dataclasses.replace(
+    scaling, mode=mode, axes=axes, sizes=sizes, ragged=ragged
+  )
+
+
+def from_matrix(qt: "QTensor", shape, scaling: Scaling) -> "QTensor":
+  """`qt` of a matrix view [d, o] (see matrix_scaling) as the tensor of
+  `shape` with `scaling`: the same codes and scales, re-packed along the
+  tensor's own last axis.
+
+  Raises:
+    ValueError: sizes that do not match.
+  """
+  shape = tuple(int(n) for n in shape)
+  if math.prod(shape) != qt.size:
+    raise ValueError(f"cannot view {qt.shape} as {shape}")
+  codes = qt.codes
+  if shape[-1] != qt.shape[-1]:
+    codes = packing.unpack(codes, qt.fmt.bits, qt.shape[-1])
+    codes = packing.pack(codes.reshape(shape), qt.fmt.bits)
+  else:
+    codes = codes.reshape((*shape[:-1], codes.shape[-1]))
+  scale_shape = scaling.scale_shape(shape)
+
+  def view(x):
+    return None if x is None else x.reshape(scale_shape)
+
+  out = dataclasses.replace(
+    qt,
+    codes=codes,
+    scale=view(qt.scale),
+    zero=view(qt.zero),
+    scaling=scaling,
+    shape=shape,
+  )
+  out.validate()
+  return out
+
+
 def is_qtensor(x) -> bool:
   return isinstance(x, QTensor)
 

@@ -3,7 +3,9 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl.testing import absltest
+from flax import nnx
 
 from qjax import intercept
 
@@ -36,9 +38,9 @@ class InterceptTest(absltest.TestCase):
       order.append("second")
       return 0 * next_fun(*args, **kwargs)
 
-    with intercept.calls(record, intercept.is_linear):
+    with intercept.calls(record, lambda m: isinstance(m, nn.Dense)):
       want = net.apply(variables, x)
-    self.assertEqual(seen, ["a", "pw", "b"])  # not the 3x3 conv
+    self.assertEqual(seen, ["a", "b"])  # only what select picks
     with intercept.stack(
       (first, lambda m: m.name == "b"), (second, lambda m: m.name == "b")
     ):
@@ -46,6 +48,35 @@ class InterceptTest(absltest.TestCase):
     self.assertEqual(order, ["first", "second"])
     self.assertEqual(float(jnp.abs(got).sum()), 0.0)
     self.assertGreater(float(jnp.abs(want).sum()), 0.0)
+
+  def test_nnx_calls_route_only_the_chosen_instances_and_restore(self):
+    class Net(nnx.Module):
+      def __init__(self, rngs):
+        self.a = nnx.Linear(3, 4, rngs=rngs)
+        self.b = nnx.Linear(4, 2, rngs=rngs)
+
+      def __call__(self, x):
+        return self.b(self.a(x))
+
+    net = Net(nnx.Rngs(0))
+    other = nnx.Linear(3, 4, rngs=nnx.Rngs(1))
+    x = jnp.ones((2, 3))
+    want = net(x)
+    original = nnx.Linear.__call__
+    seen = []
+
+    def record(module, next_fun, args, kwargs):
+      seen.append(intercept.path(module))
+      other(args[0]) if module is net.a else None  # not routed: not chosen
+      return 0 * next_fun(*args, **kwargs)
+
+    with intercept.nnx_calls(net, record, lambda m: isinstance(m, nnx.Linear)):
+      got = net(x)
+    self.assertEqual(seen, ["a", "b"])
+    self.assertEqual(float(jnp.abs(got).sum()), 0.0)
+    # Afterwards the class is as it was.
+    self.assertIs(nnx.Linear.__call__, original)
+    np.testing.assert_array_equal(net(x), want)
 
 
 if __name__ == "__main__":

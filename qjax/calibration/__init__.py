@@ -16,7 +16,7 @@ from qjax.calibration.blocks import BlockModel
 from qjax.calibration.capture import dense_hessians, linear_order
 from qjax.calibration.sequential import quantize_sequential
 from qjax.calibration.two_stream import quantize_two_stream
-from qjax.intercept import is_linear
+from qjax.linear_layers import is_linear
 
 __all__ = [
   "BlockModel",

@@ -1,6 +1,8 @@
-"""Statistics of a block's linear layers (Dense, pointwise convs), captured
-by interception (qjax.intercept) and accumulated in float32 (HIGHEST
-precision) batch by batch, so the whole X never exists.
+"""Statistics of a block's linear layers (qjax.linear_layers: Dense,
+DenseGeneral, Einsum, convs of any kernel size through their patch matrix),
+captured by interception (qjax.intercept) and accumulated in float32
+(HIGHEST precision) batch by batch, so the whole X never exists. A conv
+with G > 1 feature groups gets statistics per group ([G, d, d]).
 
   dense_hessians    H = (2/n) X^T X per layer (GPTQ, MagR).
   linear_order      the linear layers a block calls, in execution order.
@@ -15,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qjax import intercept
+from qjax import intercept, linear_layers
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -28,32 +30,56 @@ def _zero():
   return 0.0
 
 
+def gram(x):
+  """X^T X of rows [n, d], or per group of [G, n, d]."""
+  if x.ndim == 2:
+    return jnp.matmul(x.T, x, precision=_HI)
+  return jnp.einsum("gnd,gne->gde", x, x, precision=_HI)
+
+
+def cross(a, b):
+  """A^T B of rows, as gram."""
+  if a.ndim == 2:
+    return jnp.matmul(a.T, b, precision=_HI)
+  return jnp.einsum("gnd,gne->gde", a, b, precision=_HI)
+
+
 def _sow_gram(module, next_fun, args, kwargs):
-  x = args[0].reshape(-1, args[0].shape[-1]).astype(jnp.float32)
+  x = linear_layers.input_rows(module, args[0], args, kwargs)
   module.sow(
     "calibration",
     "xtx",
-    jnp.matmul(x.T, x, precision=_HI),
+    gram(x),
     reduce_fn=_add,
     init_fn=_zero,
   )
   module.sow(
     "calibration",
     "rows",
-    jnp.float32(x.shape[0]),
+    jnp.float32(x.shape[-2]),
     reduce_fn=_add,
     init_fn=_zero,
   )
   return next_fun(*args, **kwargs)
 
 
-def _capture(module, variables, args):
-  with intercept.calls(_sow_gram, intercept.is_linear):
-    out, state = module.apply(variables, *args, mutable=["calibration"])
+def _capture(module, variables, args, kwargs=None, static=()):
+  with intercept.calls(_sow_gram, linear_layers.is_linear):
+    out, state = module.apply(
+      variables, *args, **(kwargs or {}), **dict(static), mutable=["calibration"]
+    )
   return out, state.get("calibration", {})  # {} for blocks without a layer
 
 
-_capture_jit = jax.jit(_capture, static_argnums=0)
+_capture_jit = jax.jit(_capture, static_argnums=(0, 4))
+
+
+def split_kwargs(kwargs) -> tuple[dict, tuple]:
+  """(array-valued kwargs, the rest as a hashable tuple): arrays are traced,
+  flags and other Python values are static jit arguments."""
+  arrays = {k: v for k, v in kwargs.items() if hasattr(v, "shape")}
+  static = tuple(sorted((k, v) for k, v in kwargs.items() if k not in arrays))
+  return arrays, static
 
 
 def _flatten(stats, prefix=()):
@@ -74,21 +100,30 @@ def dense_hessians(
   batches: Sequence[tuple],
   *,
   prefix: str = "",
+  kwargs: bool = False,
 ) -> tuple[dict[str, jax.Array], list]:
   """Streams H = (2/n) X^T X for every linear layer of `module`.
 
   Args:
     module: a Linen module.
     variables: its variables ({'params': ...}).
-    batches: argument tuples for `module.apply`, one per batch.
+    batches: argument tuples for `module.apply`, one per batch, or
+      (args, kwargs) pairs when `kwargs` is True.
     prefix: prepended to every path (the block's name in a larger tree).
+    kwargs: whether each batch is an (args, kwargs) pair.
 
   Returns:
-    ({kernel path: H [in, in]}, [the module's output for each batch]).
+    ({kernel path: H [in, in], or [G, d, d] for a grouped conv},
+     [the module's output for each batch]).
   """
   sums, outputs = {}, []
-  for args in batches:
-    out, stats = _capture_jit(module, variables, tuple(args))
+  for call in batches:
+    if kwargs:
+      args, kw = call
+      arrays, static = split_kwargs(kw)
+      out, stats = _capture_jit(module, variables, tuple(args), arrays, static)
+    else:
+      out, stats = _capture_jit(module, variables, tuple(call))
     outputs.append(out)
     for path, s in _flatten(stats).items():
       xtx, rows = sums.get(path, (0.0, 0.0))
@@ -97,8 +132,10 @@ def dense_hessians(
   return {pre + p: 2.0 * xtx / rows for p, (xtx, rows) in sums.items()}, outputs
 
 
-def linear_order(module: nn.Module, params, call: tuple, extra=None) -> list:
-  """'/'-joined module paths of the linear layers (Dense, pointwise Conv)
+def linear_order(
+  module: nn.Module, params, call: tuple, extra=None, kwargs=None
+) -> list:
+  """'/'-joined module paths of the linear layers (qjax.linear_layers)
   `module` calls, in order; '' when the module itself is one."""
   order = []
 
@@ -106,42 +143,53 @@ def linear_order(module: nn.Module, params, call: tuple, extra=None) -> list:
     order.append(intercept.path(layer))
     return next_fun(*args, **kwargs)
 
-  with intercept.calls(record, intercept.is_linear):
+  with intercept.calls(record, linear_layers.is_linear):
     jax.eval_shape(
-      lambda p, c: module.apply({"params": p, **(extra or {})}, *c),
+      lambda p, c, kw: module.apply({"params": p, **(extra or {})}, *c, **kw),
       params,
       call,
+      kwargs or {},
     )
   return list(dict.fromkeys(order))
 
 
-def _inputs_of(module, target, params, extra, call):
-  """Rows [n, in] entering the layer at `target` when module runs on call."""
+def _inputs_of(module, target, params, extra, call, kwargs=None, static=()):
+  """Rows [n, d] (or [G, n, d]) entering the layer at `target` when module
+  runs on call."""
 
-  def sow_input(layer, next_fun, args, kwargs):
+  def sow_input(layer, next_fun, args, kw):
     if intercept.path(layer) == target:
-      layer.sow("ed_inputs", "x", args[0])
-    return next_fun(*args, **kwargs)
+      layer.sow("ed_inputs", "x", linear_layers.input_rows(layer, args[0], args, kw))
+    return next_fun(*args, **kw)
 
-  with intercept.calls(sow_input, intercept.is_linear):
+  with intercept.calls(sow_input, linear_layers.is_linear):
     _, state = module.apply(
-      {"params": params, **extra}, *call, mutable=["ed_inputs"]
+      {"params": params, **extra},
+      *call,
+      **(kwargs or {}),
+      **dict(static),
+      mutable=["ed_inputs"],
     )
   xs = jax.tree.leaves(state["ed_inputs"])
-  return jnp.concatenate(
-    [x.reshape(-1, x.shape[-1]).astype(jnp.float32) for x in xs]
-  )
+  return jnp.concatenate(xs, axis=-2)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(jax.jit, static_argnums=(0, 1, 9))
 def two_stream_stats(
-  module, target, p_float, p_quant, extra, call_float, call_quant
+  module,
+  target,
+  p_float,
+  p_quant,
+  extra,
+  call_float,
+  call_quant,
+  kw_float=None,
+  kw_quant=None,
+  static=(),
 ):
   """(G, C, sum X, sum X~, rows) of the layer at `target` for one batch:
   X from the float parameters on the float call, X~ from the quantized
-  parameters on the quantized call."""
-  x = _inputs_of(module, target, p_float, extra, call_float)
-  xq = _inputs_of(module, target, p_quant, extra, call_quant)
-  g = jnp.matmul(xq.T, xq, precision=_HI)
-  c = jnp.matmul(xq.T, x, precision=_HI)
-  return g, c, x.sum(0), xq.sum(0), jnp.float32(x.shape[0])
+  parameters on the quantized call (per group for a grouped conv)."""
+  x = _inputs_of(module, target, p_float, extra, call_float, kw_float, static)
+  xq = _inputs_of(module, target, p_quant, extra, call_quant, kw_quant, static)
+  return gram(xq), cross(xq, x), x.sum(-2), xq.sum(-2), jnp.float32(x.shape[-2])

@@ -52,6 +52,12 @@ def _tiny_cnn(seed=0):
   return params, model, [calib[:8], calib[8:]]
 
 
+def _at(tree, keys):
+  for k in keys:
+    tree = tree[k]
+  return tree
+
+
 def _bs(stats, name):
   return {"batch_stats": stats[name]} if name in stats else {}
 
@@ -88,11 +94,15 @@ class LinearLayerTest(absltest.TestCase):
   def test_is_linear(self):
     self.assertTrue(calibration.is_linear(nn.Dense(4)))
     self.assertTrue(calibration.is_linear(nn.Conv(4, (1, 1))))
-    self.assertFalse(calibration.is_linear(nn.Conv(4, (3, 3))))
-    self.assertFalse(calibration.is_linear(nn.Conv(4, (1, 1), strides=2)))
-    self.assertFalse(
+    # Every conv meets its patch matrix as a matmul (qjax.linear_layers).
+    self.assertTrue(calibration.is_linear(nn.Conv(4, (3, 3))))
+    self.assertTrue(calibration.is_linear(nn.Conv(4, (1, 1), strides=2)))
+    self.assertTrue(
       calibration.is_linear(nn.Conv(4, (1, 1), feature_group_count=4))
     )
+    self.assertFalse(calibration.is_linear(nn.ConvTranspose(4, (3, 3))))
+    self.assertFalse(calibration.is_linear(nn.BatchNorm()))
+    self.assertFalse(calibration.is_linear(nn.Embed(10, 4)))
 
   def test_matrix_quantization_viewed_as_a_conv(self):
     w = jax.random.normal(jax.random.key(0), (48, 40))
@@ -225,15 +235,49 @@ class DiffusionOnCNNTest(absltest.TestCase):
       q.dequantize()[0, 0], want.dequantize(), rtol=1e-3, atol=1e-3
     )
 
-  def test_two_stream_rule_on_a_3x3_conv_is_an_error(self):
+  def test_ed_reaches_3x3_and_depthwise_convs_through_their_patches(self):
     params, model, batches = _tiny_cnn(2)
     recipe = qjax.Recipe(
       (qjax.rule("kernel", "int4", _int4()[1], method="ed"),)
     )
-    with self.assertRaisesRegex(ValueError, r"'stem/conv/kernel'.*data-free"):
-      two_stream.quantize_two_stream(
-        params, recipe, model, batches, progress=False
+    q = two_stream.quantize_two_stream(
+      params, recipe, model, batches, progress=False
+    )
+    for path in ("stem/conv", "block_1/depthwise/conv"):
+      kernel = q[path.split("/")[0]]
+      for k in path.split("/")[1:]:
+        kernel = kernel[k]
+      self.assertTrue(qtensor.is_qtensor(kernel["kernel"]), path)
+    rtn_q = qjax.quantize(params, qjax.Recipe((qjax.rule("kernel", "int4"),)))
+    # Depthwise inputs differ between the streams, so ED moves its codes.
+    dw = ("block_1", "depthwise", "conv", "kernel")
+    self.assertFalse(
+      np.array_equal(
+        _at(q, dw).dequantize(), _at(rtn_q, dw).dequantize()
       )
+    )
+    # The stem sees the images themselves: GPTQ's output error on them is
+    # below RTN's (the point of calibrating a 3x3 conv at all).
+    q = calibration.quantize_sequential(
+      params,
+      qjax.Recipe((qjax.rule("kernel", "int4", _int4()[1], method="gptq"),)),
+      model,
+      batches,
+      progress=False,
+    )
+    w = params["stem"]["conv"]["kernel"]
+    conv = nn.Conv(16, (3, 3), use_bias=False, precision="highest")
+    images = jnp.concatenate(batches)
+
+    def out_err(k):
+      y = conv.apply({"params": {"kernel": k}}, images)
+      y0 = conv.apply({"params": {"kernel": w}}, images)
+      return float(jnp.sum((y - y0) ** 2))
+
+    self.assertLess(
+      out_err(q["stem"]["conv"]["kernel"].dequantize()),
+      out_err(rtn_q["stem"]["conv"]["kernel"].dequantize()),
+    )
 
 
 class MobileNetV2BlocksTest(absltest.TestCase):
