@@ -11,6 +11,7 @@ Terms used throughout:
 
 from qjax import formats
 from qjax.api import dequantize, plan, quantize, stats
+from qjax.inference import apply
 from qjax.methods import (
   FTQ,
   GPFQ,
@@ -60,6 +61,7 @@ __all__ = [
   "Stats",
   "Transform",
   "__version__",
+  "apply",
   "chain",
   "dequantize",
   "formats",

@@ -9,9 +9,11 @@ driver quantizes each leaf through qjax.dispatch.
 import math
 import warnings
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from qjax import calibration, dispatch, qtensor
 from qjax.methods.base import Stats
@@ -51,8 +53,14 @@ def quantize(
     params: a pytree of float arrays (e.g. Flax params).
     recipe: the rules (see qjax.recipe).
     key: jax.random key, split per leaf, for stochastic rounding rules.
-    calib: (qjax.calibration.BlockModel, batches): calibrate and quantize
-      block by block (qjax.calibration); then hessians/grams must be None.
+    calib: (model, batches) or (model, batches, collections): calibrate
+      and quantize block by block (qjax.calibration); then hessians/grams
+      must be None. `model` is any Linen module (with `collections`, its
+      other variables, e.g. {'batch_stats': ...}), any NNX module (then
+      `params` is nnx.state(model, nnx.Param)), a walk from
+      qjax.calibration.discover(..., blocks=[...]), or a hand-written
+      qjax.calibration.BlockModel. Batches are model inputs (or tuples of
+      them).
     hessians: {path: H [in, in]} statistics computed elsewhere, for methods
       that need 'hessian'.
     grams: {path: Gram [in, in] of the last calibration sample}, for
@@ -86,15 +94,17 @@ def quantize(
   if calib is not None:
     if hessians is not None or grams is not None:
       raise ValueError("pass either calib or hessians/grams, not both")
-    model, batches = calib
+    state, params = _pure(params)
+    walk, batches = _walk(calib, params)
     if recipe.needs_two_streams:
       out = calibration.quantize_two_stream(
-        params, recipe, model, batches, progress=progress, used=used
+        params, recipe, walk, batches, progress=progress, used=used
       )
     else:
       out = calibration.quantize_sequential(
-        params, recipe, model, batches, key=key, progress=progress, used=used
+        params, recipe, walk, batches, key=key, progress=progress, used=used
       )
+    out = _as_state(state, out)
   else:
     hessians, grams = hessians or {}, grams or {}
     out, used = dispatch.quantize_tree(
@@ -112,6 +122,43 @@ def quantize(
       f"recipe rules matched no parameter: {', '.join(unused)}", stacklevel=2
     )
   return out
+
+
+def _pure(params):
+  """(the NNX state or None, a nested dict of the parameters)."""
+  if isinstance(params, nnx.State):
+    return params, params.to_pure_dict()
+  return None, params
+
+
+def _as_state(state, out):
+  if state is None:
+    return out
+  new = jax.tree.map(lambda v: v, state)
+  nnx.replace_by_pure_dict(new, out)
+  return new
+
+
+def _walk(calib, params):
+  """(walk, batches) from quantize's `calib`."""
+  if not isinstance(calib, (tuple, list)) or len(calib) not in (2, 3):
+    raise ValueError(
+      "calib must be (model, batches) or (model, batches, collections)"
+    )
+  model, batches = calib[0], calib[1]
+  collections = calib[2] if len(calib) == 3 else None
+  if hasattr(model, "first_calls"):  # a BlockModel or a discovered walk
+    if collections:
+      raise ValueError("a walk holds its own collections")
+    return model, batches
+  if not isinstance(model, (nn.Module, nnx.Module)):
+    raise TypeError(
+      "calib's model must be a Linen or NNX module, a BlockModel or a walk "
+      f"from qjax.calibration.discover; got {type(model).__name__}"
+    )
+  return calibration.discover(
+    model, params, batches, collections=collections
+  ), batches
 
 
 def dequantize(tree, dtype=None):

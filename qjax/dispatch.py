@@ -18,6 +18,7 @@ from qjax import linear_layers, qtensor
 from qjax.formats import packing
 from qjax.methods import base
 from qjax.paths import path_str
+from qjax.quantizers import rtn as rtn_lib
 from qjax.recipe import Recipe, Rule
 
 
@@ -136,46 +137,83 @@ _PER_GROUP = ("hessian", "last_sample", "g", "c", "mean_x", "mean_xq")
 
 def _run_grouped(rule, w, matrix, scaling, stats) -> base.Result:
   """Feature group by feature group: each group's [d, out/G] columns with
-  its own statistics; the codes and scales are joined along the outputs."""
-  groups = _first_stat(stats).shape[0]
+  its own statistics; the codes and scales are joined along the outputs.
+
+  A group whose statistics are all zero (a channel no calibration input
+  reached, e.g. one ReLU6 zeroes everywhere) has nothing to calibrate
+  against: it is rounded to nearest (RTN) on the same grid. Warnings are
+  counted over groups, not repeated per group."""
+  ref = _first_stat(stats)
+  groups = ref.shape[0]
   if scaling.mode == "tensor" or scaling.tensor_scale:
     raise ValueError(
       f"a conv with {groups} feature groups is quantized group by group: "
       "use per-output-channel or input-axis block scales, not one scale "
       "per tensor"
     )
+  dead = np.asarray(jnp.all(ref.reshape(groups, -1) == 0, axis=1))
   out = matrix.shape[1] // groups
-  codes, scales, zeros, infos, biases = [], [], [], [], []
-  for g in range(groups):
-    part = matrix[:, g * out : (g + 1) * out]
-    bias = None if stats.bias is None else stats.bias[g * out : (g + 1) * out]
-    result = rule.method(
-      part, rule.fmt, scaling, _group_stats(stats, g)._replace(bias=bias)
+  results = []
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for g in range(groups):
+      cols = slice(g * out, (g + 1) * out)
+      if dead[g]:
+        result = base.Result(rtn_lib.rtn(matrix[:, cols], rule.fmt, scaling))
+      else:
+        bias = None if stats.bias is None else stats.bias[cols]
+        result = rule.method(
+          matrix[:, cols],
+          rule.fmt,
+          scaling,
+          _group_stats(stats, g)._replace(bias=bias),
+        )
+      if not qtensor.is_qtensor(result.leaf):
+        raise ValueError(
+          f"method {rule.method_name!r} on a grouped conv gives a "
+          f"{type(result.leaf).__name__}; only QTensor results can be joined"
+        )
+      results.append(result)
+  counts = {}
+  for c in caught:
+    counts[str(c.message)] = counts.get(str(c.message), 0) + 1
+  if dead.any():
+    counts["saw only zero inputs in calibration: rounded to nearest"] = int(
+      dead.sum()
     )
-    leaf = result.leaf
-    if not qtensor.is_qtensor(leaf):
-      raise ValueError(
-        f"method {rule.method_name!r} on a grouped conv gives a "
-        f"{type(leaf).__name__}; only QTensor results can be joined"
-      )
-    codes.append(packing.unpack(leaf.codes, leaf.fmt.bits, out))
-    scales.append(leaf.scale)
-    zeros.append(leaf.zero)
-    infos.append(result.info)
-    biases.append(result.bias)
+  for message, n in counts.items():
+    warnings.warn(f"{n} of {groups} feature groups: {message}", stacklevel=2)
+  return _join_groups(results, w.shape, rule.scaling, scaling, stats, out)
+
+
+def _join_groups(results, shape, tensor_scaling, scaling, stats, out):
+  leaves = [r.leaf for r in results]
+  first = leaves[0]
+  codes = [packing.unpack(q.codes, q.fmt.bits, out) for q in leaves]
   joined = qtensor.QTensor(
-    packing.pack(jnp.concatenate(codes, axis=-1), leaf.fmt.bits),
-    jnp.concatenate(scales, axis=-1),
-    None if zeros[0] is None else jnp.concatenate(zeros, axis=-1),
+    packing.pack(jnp.concatenate(codes, axis=-1), first.fmt.bits),
+    jnp.concatenate([q.scale for q in leaves], axis=-1),
+    None
+    if first.zero is None
+    else jnp.concatenate([q.zero for q in leaves], axis=-1),
     None,
-    leaf.fmt,
+    first.fmt,
     scaling,
-    tuple(matrix.shape),
-    leaf.dtype,
+    (first.shape[0], out * len(leaves)),
+    first.dtype,
   )
-  bias = None if biases[0] is None else jnp.concatenate(biases)
+  bias = None
+  if any(r.bias is not None for r in results):  # a group keeps its own
+    bias = jnp.concatenate(
+      [
+        stats.bias[g * out : (g + 1) * out] if r.bias is None else r.bias
+        for g, r in enumerate(results)
+      ]
+    )
   return base.Result(
-    qtensor.from_matrix(joined, w.shape, rule.scaling), tuple(infos), bias
+    qtensor.from_matrix(joined, shape, tensor_scaling),
+    tuple(r.info for r in results),
+    bias,
   )
 
 

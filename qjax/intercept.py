@@ -61,9 +61,7 @@ def stack(*handlers: tuple[Handler, Callable | None]):
 
 def nnx_modules(root: nnx.Module) -> list[tuple[str, nnx.Module]]:
   """('/'-joined path, module) of every module under root (root: '')."""
-  return [
-    ("/".join(str(k) for k in p), m) for p, m in nnx.iter_modules(root)
-  ]
+  return [("/".join(str(k) for k in p), m) for p, m in nnx.iter_modules(root)]
 
 
 @contextlib.contextmanager
@@ -75,9 +73,7 @@ def nnx_calls(
   """Routes the `__call__` of the selected modules under root to handler
   (the NNX form of `calls`)."""
   modules = nnx_modules(root)
-  chosen = {
-    id(m): p for p, m in modules if select is None or select(m)
-  }
+  chosen = {id(m): p for p, m in modules if select is None or select(m)}
   classes = {type(m) for _, m in modules if id(m) in chosen}
   originals = {cls: cls.__call__ for cls in classes}
   owned = {cls: "__call__" in cls.__dict__ for cls in classes}

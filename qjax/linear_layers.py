@@ -7,18 +7,18 @@ NNX alike, and the rows of that product.
 For each call `input_rows(layer, x, args, kwargs)` gives the matrix X whose
 product with the kernel's matrix view is the layer's output:
 
-  Dense / Linear              X [n, in], kernel [in, out].
+  Dense / Linear   X [n, in], kernel [in, out].
   DenseGeneral / LinearGeneral
-                              the contracted axes moved last: X [n, prod(in)],
-                              kernel [*in, *out] viewed as [prod(in), prod(out)].
-  Einsum                      the contracted labels, in the kernel's order:
-                              X [n, prod(contracted)], when those labels lead
-                              the kernel (e.g. 'BTD,DNH->BTNH', 'BTNH,NHD->BTD').
+                   the contracted axes moved last: X [n, prod(in)], kernel
+                   [*in, *out] viewed as [prod(in), prod(out)].
+  Einsum           the contracted labels, in the kernel's order: X [n,
+                   prod(contracted)], when those labels lead the kernel
+                   (e.g. 'BTD,DNH->BTNH', 'BTNH,NHD->BTD').
   Conv (any kernel size, strides, dilation, padding, feature groups)
-                              the patch matrix (im2col): X [n, K * in_g] per
-                              group, K = prod(kernel_size), ordered (tap,
-                              channel) as kernel [*kernel_size, in_g, out]
-                              flattens; G groups give X [G, n, K * in_g].
+                   the patch matrix (im2col): X [n, K * in_g] per group,
+                   K = prod(kernel_size), ordered (tap, channel) as kernel
+                   [*kernel_size, in_g, out] flattens; G groups give
+                   X [G, n, K * in_g].
 
 Patches are extracted with a one-hot convolution at HIGHEST precision, one
 group per input channel: every output is one input value times 1 plus
@@ -30,7 +30,6 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from flax.linen.linear import canonicalize_padding
 
@@ -111,7 +110,9 @@ def _conv_patches(layer, x) -> jax.Array:
   if padding in ("CIRCULAR", "REFLECT"):
     dilated = [(k - 1) * d + 1 for k, d in zip(ks, k_dil, strict=True)]
     pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
-    x = jnp.pad(x, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
+    x = jnp.pad(
+      x, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]
+    )
     padding = "VALID"
   elif padding == "CAUSAL":
     x = jnp.pad(x, [(0, 0), (k_dil[0] * (ks[0] - 1), 0), (0, 0)])
@@ -172,12 +173,17 @@ def input_rows(layer, x, args=(), kwargs=None) -> jax.Array:
       s == 1 for s in _tuple(layer.strides, len(ks))
     )
     g = groups(layer)
-    if pointwise and g == 1 and canonicalize_padding(layer.padding, len(ks)) in (
-      "SAME",
-      "VALID",
-      "CIRCULAR",
-      "REFLECT",
-      ((0, 0),) * len(ks),
+    if (
+      pointwise
+      and g == 1
+      and canonicalize_padding(layer.padding, len(ks))
+      in (
+        "SAME",
+        "VALID",
+        "CIRCULAR",
+        "REFLECT",
+        ((0, 0),) * len(ks),
+      )
     ):
       return x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     patches = _conv_patches(layer, x)  # [n, K, in]
@@ -219,4 +225,3 @@ def kernel_split(shape, d: int) -> int:
     f"statistics of size {d} do not match the leading axes of kernel "
     f"{tuple(shape)}"
   )
-

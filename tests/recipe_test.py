@@ -1,9 +1,9 @@
 """Rules and recipes: building, defaults, matching, and from_config."""
 
-from absl.testing import absltest
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl.testing import absltest
 
 import qjax
 from qjax import formats
@@ -16,8 +16,9 @@ class RecipeTest(absltest.TestCase):
     key = jax.random.key(0)
     conv = jax.random.normal(key, (3, 3, 64, 8))  # HWIO: blocks along in
     dense = jax.random.normal(key, (64, 8))
-    q = qjax.quantize({"c": {"kernel": conv}, "d": {"kernel": dense}},
-                      qjax.Recipe((r,)))
+    q = qjax.quantize(
+      {"c": {"kernel": conv}, "d": {"kernel": dense}}, qjax.Recipe((r,))
+    )
     self.assertEqual(q["c"]["kernel"].scale.shape, (3, 3, 2, 8))
     self.assertEqual(q["d"]["kernel"].scale.shape, (2, 8))
     # Each scale covers 32 input channels of one tap and one output.

@@ -1,7 +1,8 @@
 """Calibration: statistics of a Flax model's linear layers, and the drivers
 that walk a model block by block while quantizing it.
 
-  BlockModel            how to run a model block by block.
+  discover              the blocks of any Linen or NNX model.
+  BlockModel            how to run a model block by block, by hand.
   dense_hessians        H = (2/n) X^T X per Dense / pointwise conv layer.
   quantize_sequential   GPTQ's sequential mode (statistics from the inputs
                         the already-quantized blocks produce).
@@ -14,6 +15,7 @@ from the statistics the recipe's methods need.
 
 from qjax.calibration.blocks import BlockModel
 from qjax.calibration.capture import dense_hessians, linear_order
+from qjax.calibration.discover import discover
 from qjax.calibration.sequential import quantize_sequential
 from qjax.calibration.two_stream import quantize_two_stream
 from qjax.linear_layers import is_linear
@@ -21,6 +23,7 @@ from qjax.linear_layers import is_linear
 __all__ = [
   "BlockModel",
   "dense_hessians",
+  "discover",
   "is_linear",
   "linear_order",
   "quantize_sequential",

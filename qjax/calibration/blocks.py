@@ -1,5 +1,23 @@
-"""BlockModel: how to run a model block by block (GPTQ's sequential mode and
-the two-stream driver walk it)."""
+"""How a calibration driver walks a model block by block.
+
+A walk (BlockModel, written by hand for a model, or one that
+qjax.calibration.discover finds in any Linen or NNX model) answers:
+
+  names                        the blocks' '/'-joined paths in the tree;
+  first_calls(params, batches) block 0's calls, one (args, kwargs) per
+                               batch;
+  next_calls(i, outputs, params, batches)
+                               block i's calls given block i-1's outputs
+                               (and the whole tree as this stream has it,
+                               for a model whose glue between blocks is not
+                               a plain chain);
+  run(name, block, call)       the block's output;
+  hessians(name, block, calls) {kernel path inside the block: (2/n) X^T X};
+  layer_order(name, block, call)
+                               the block's linear layers, in call order;
+  layer_stats(name, layer, float block, quantized block, float call,
+              quantized call)  (G, C, sum X, sum X~, rows) of one layer.
+"""
 
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -7,9 +25,11 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 
+from qjax.calibration import capture
+
 
 class BlockModel(NamedTuple):
-  """How to run a model block by block.
+  """How to run a model block by block, written by hand.
 
   embed(params, batch) -> activations entering the first block (params:
     the top-level entries that are not blocks);
@@ -19,6 +39,10 @@ class BlockModel(NamedTuple):
   block_args(batch) -> the extra arguments of a block after x;
   collections: {block: {collection: tree}}, non-parameter variables a
     block needs (e.g. BatchNorm's 'batch_stats').
+
+  qjax.quantize(..., calib=(model, batches)) finds the blocks of most
+  models by itself (qjax.calibration.discover); a BlockModel is for a model
+  whose blocks need cutting another way.
   """
 
   embed: Callable[[Any, Any], jax.Array]
@@ -39,3 +63,42 @@ class BlockModel(NamedTuple):
   def calls(self, xs, batches) -> list[tuple]:
     """Each block call's arguments: (x, *block_args(batch)) per batch."""
     return [(x, *self.block_args(b)) for x, b in zip(xs, batches, strict=True)]
+
+  # The walk (see the module docstring); calls are (args, kwargs) pairs.
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    return tuple(self.blocks)
+
+  def first_calls(self, params, batches) -> list:
+    rest = {k: params[k] for k in params if k not in self.blocks}
+    xs = [self.embed(rest, b) for b in batches]
+    return [(c, {}) for c in self.calls(xs, batches)]
+
+  def next_calls(self, index, outputs, params, batches) -> list:
+    del index, params
+    return [(c, {}) for c in self.calls(outputs, batches)]
+
+  def run(self, name, block, call):
+    args, kwargs = call
+    return self.module(name).apply(self.variables(name, block), *args, **kwargs)
+
+  def hessians(self, name, block, calls) -> dict:
+    h, _ = capture.dense_hessians(
+      self.module(name),
+      self.variables(name, block),
+      [args for args, _ in calls],
+    )
+    return h
+
+  def layer_order(self, name, block, call) -> list:
+    extra = self.variables(name, None)
+    extra.pop("params")
+    return capture.linear_order(self.module(name), block, call[0], extra)
+
+  def layer_stats(self, name, layer, p_float, p_quant, call_f, call_q):
+    extra = self.variables(name, None)
+    extra.pop("params")
+    return capture.two_stream_stats(
+      self.module(name), layer, p_float, p_quant, extra, call_f[0], call_q[0]
+    )

@@ -66,7 +66,11 @@ def _sow_gram(module, next_fun, args, kwargs):
 def _capture(module, variables, args, kwargs=None, static=()):
   with intercept.calls(_sow_gram, linear_layers.is_linear):
     out, state = module.apply(
-      variables, *args, **(kwargs or {}), **dict(static), mutable=["calibration"]
+      variables,
+      *args,
+      **(kwargs or {}),
+      **dict(static),
+      mutable=["calibration"],
     )
   return out, state.get("calibration", {})  # {} for blocks without a layer
 
@@ -159,7 +163,9 @@ def _inputs_of(module, target, params, extra, call, kwargs=None, static=()):
 
   def sow_input(layer, next_fun, args, kw):
     if intercept.path(layer) == target:
-      layer.sow("ed_inputs", "x", linear_layers.input_rows(layer, args[0], args, kw))
+      layer.sow(
+        "ed_inputs", "x", linear_layers.input_rows(layer, args[0], args, kw)
+      )
     return next_fun(*args, **kw)
 
   with intercept.calls(sow_input, linear_layers.is_linear):

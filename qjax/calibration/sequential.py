@@ -4,7 +4,6 @@ inputs produced by the already-quantized earlier blocks, and memory holds
 one block's activations for the calibration set.
 """
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -13,8 +12,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from qjax import dispatch, qtensor
-from qjax.calibration.blocks import BlockModel
-from qjax.calibration.capture import dense_hessians
+from qjax.calibration import trees
 from qjax.methods.base import Stats
 from qjax.recipe import Recipe
 
@@ -24,7 +22,8 @@ def _last_calls(calls, tokens):
   taken, count = [], 0
   for c in reversed(calls):
     taken.insert(0, c)
-    count += int(np.prod(c[0].shape[:-1]))
+    x = c[0][0]
+    count += int(np.prod(x.shape[:-1]))
     if count >= tokens:
       return taken
   raise ValueError(
@@ -33,14 +32,18 @@ def _last_calls(calls, tokens):
   )
 
 
-def _stats(hessians, grams, path) -> Stats:
-  return Stats(hessian=hessians.get(path), last_sample=grams.get(path))
+def _stats_for(name, hessians, grams):
+  def stats(path) -> Stats:
+    inner = path[len(name) + 1 :]
+    return Stats(hessian=hessians.get(inner), last_sample=grams.get(inner))
+
+  return stats
 
 
 def quantize_sequential(
   params,
   recipe: Recipe,
-  model: BlockModel,
+  model,
   batches: Sequence,
   *,
   last_tokens: int = 2048,
@@ -58,13 +61,13 @@ def quantize_sequential(
   `last_tokens` calibration tokens (the authors' one 2048-token sample) is
   captured too.
 
-  `params` may be any Mapping of top-level names (qjax.io.convert reads each
-  block from disk on access): each block is read once, and `model.embed`
-  sees only the leaves outside the blocks. With `emit`, every quantized
-  block (then every other top-level entry) is passed to emit(name,
-  quantized tree, float tree) as soon as it is ready and not kept; the
-  function then returns {}. `used` collects the indices of the rules that
-  matched.
+  `model` is a walk (qjax.calibration.blocks): a BlockModel, or what
+  qjax.calibration.discover finds. `params` may be any Mapping of
+  top-level names (qjax.io.convert reads each block from disk on access):
+  each block is read once. With `emit`, every quantized block (then every
+  other top-level entry) is passed to emit(name, quantized tree, float
+  tree) as soon as it is ready and not kept; the function then returns {}.
+  `used` collects the indices of the rules that matched.
 
   Raises:
     ValueError: no batches, or fewer than `last_tokens` tokens when the
@@ -73,42 +76,63 @@ def quantize_sequential(
   if not batches:
     raise ValueError("quantize_sequential needs at least one calibration batch")
   used = set() if used is None else used
-  rest = {k: params[k] for k in params if k not in model.blocks}
-  xs = [model.embed(rest, b) for b in batches]
-  out = {}
+  walk = model
+  calls = walk.first_calls(params, batches)
+  done, stream = {}, params  # stream: the tree as the quantized model has it
+  outputs = None
   for index, name in enumerate(
-    tqdm(model.blocks, desc="calibrate+quantize", disable=not progress)
+    tqdm(walk.names, desc="calibrate+quantize", disable=not progress)
   ):
-    block = params[name]
-    module = model.module(name)
-    variables = model.variables(name, block)
-    calls = model.calls(xs, batches)
-    hessians, _ = dense_hessians(module, variables, calls, prefix=name)
+    if index:
+      calls = walk.next_calls(index, outputs, stream, batches)
+    block = trees.get(params, name)
+    hessians = walk.hessians(name, block, calls)
     grams = {}
     if recipe.needs_last_sample:
-      grams, _ = dense_hessians(
-        module, variables, _last_calls(calls, last_tokens), prefix=name
-      )
+      grams = walk.hessians(name, block, _last_calls(calls, last_tokens))
     qblock, block_used = dispatch.quantize_tree(
-      {name: block},
+      trees.nest(name, block),
       recipe,
       key=None if key is None else jax.random.fold_in(key, index),
-      stats_for=functools.partial(_stats, hessians, grams),
+      stats_for=_stats_for(name, hessians, grams),
     )
     used |= block_used
-    qblock = qblock[name]
-    deq = model.variables(name, qtensor.dequantize_tree(qblock))
+    qblock = trees.get(qblock, name)
+    deq = qtensor.dequantize_tree(qblock)
     # The next block sees what the quantized block produces.
-    xs = [module.apply(deq, *c) for c in calls]
+    outputs = [walk.run(name, deq, c) for c in calls]
+    if getattr(walk, "needs_tree", False):
+      stream = trees.replace(stream, name, deq)
     if emit is None:
-      out[name] = qblock
+      done[name] = qblock
     else:
       emit(name, qblock, block)
-    del block, variables, qblock, deq, module
-  qrest, rest_used = dispatch.quantize_tree(rest, recipe, key=key)
+    del block, qblock, deq
+  return _finish(params, recipe, walk, done, key, emit, used)
+
+
+def _finish(params, recipe, walk, done, key, emit, used):
+  """Leaves outside the blocks, quantized without statistics; the tree
+  assembled (or each top-level entry emitted)."""
+  names = walk.names
+  if all("/" not in n for n in names) and hasattr(params, "keys"):
+    rest = {k: params[k] for k in params if k not in names}
+    qrest, rest_used = dispatch.quantize_tree(rest, recipe, key=key)
+    used |= rest_used
+    if emit is not None:
+      for name, tree in qrest.items():
+        emit(name, tree, rest[name])
+      return {}
+    return {**done, **qrest}
+  if emit is not None:
+    raise ValueError("emit needs blocks that are top-level entries")
+  inside = {
+    p
+    for name in names
+    for p in trees.leaf_paths(trees.nest(name, trees.get(params, name)))
+  }
+  out, rest_used = dispatch.quantize_tree(params, recipe, key=key, skip=inside)
   used |= rest_used
-  if emit is None:
-    return {**out, **qrest}
-  for name, tree in qrest.items():
-    emit(name, tree, rest[name])
-  return {}
+  for name, qblock in done.items():
+    out = trees.replace(out, name, qblock)
+  return out

@@ -1,7 +1,8 @@
 """The two-stream driver (Error Diffusion, GPFQ: qjax.methods.two_stream).
 
-`quantize_two_stream` walks a BlockModel block by block and,
-inside a block, Dense layer by Dense layer in execution order. For each
+`quantize_two_stream` walks a model block by block (a walk:
+qjax.calibration.blocks) and, inside a block, linear layer by linear layer
+in execution order. For each
 layer it runs the block twice per calibration batch:
 
   float stream      float parameters on the float model's block input: the
@@ -27,8 +28,8 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from qjax import dispatch, qtensor
-from qjax.calibration.blocks import BlockModel
-from qjax.calibration.capture import linear_order, two_stream_stats
+from qjax.calibration import trees
+from qjax.calibration.sequential import _finish
 from qjax.methods.base import Stats
 from qjax.recipe import Recipe
 
@@ -38,32 +39,10 @@ def _join(*parts: str) -> str:
   return "/".join(p for p in parts if p)
 
 
-def _get(tree, path):
-  for key in filter(None, path.split("/")):
-    tree = tree[key]
-  return tree
-
-
-def _set(tree, path, value):
-  """A copy of nested dict `tree` with `path` set to value."""
-  head, *rest = [k for k in path.split("/") if k]
-  out = dict(tree)
-  out[head] = value if not rest else _set(tree[head], "/".join(rest), value)
-  return out
-
-
-def _has(tree, path):
-  try:
-    _get(tree, path)
-    return True
-  except (KeyError, TypeError):
-    return False
-
-
 def quantize_two_stream(
   params,
   recipe: Recipe,
-  model: BlockModel,
+  model,
   batches: Sequence,
   *,
   progress: bool = True,
@@ -75,8 +54,9 @@ def quantize_two_stream(
     params: the model's float parameters.
     recipe: rules; each layer's method gets Stats with G, C, both means,
       H = (2/n) X~^T X~ and the layer's float bias.
-    model: the model cut into blocks (qjax.calibration.BlockModel).
-    batches: calibration batches for model.embed.
+    model: a walk (qjax.calibration.blocks): a BlockModel, or what
+      qjax.calibration.discover finds.
+    batches: calibration batches.
     progress: a progress bar over blocks.
     used: collects the indices of the rules that matched.
 
@@ -91,44 +71,46 @@ def quantize_two_stream(
   if not batches:
     raise ValueError("quantize_two_stream needs at least one calibration batch")
   used = set() if used is None else used
-  rest = {k: v for k, v in params.items() if k not in model.blocks}
-  xs_float = [model.embed(rest, b) for b in batches]
-  xs_quant = list(xs_float)
-  out = dict(params)
-  for name in tqdm(model.blocks, desc="diffuse+quantize", disable=not progress):
-    module = model.module(name)
-    extra = model.variables(name, None)
-    extra.pop("params")
-    p_float = params[name]
-    calls_f = model.calls(xs_float, batches)
-    calls_q = model.calls(xs_quant, batches)
-    layers = linear_order(module, p_float, calls_f[0], extra)
-    # Leaves no linear layer owns (depthwise/3x3 convs, norms) take their
-    # data-free rules first, so the quantized stream carries their error.
+  walk = model
+  calls_f = walk.first_calls(params, batches)
+  calls_q = list(calls_f)
+  stream_q = params  # the tree as the quantized model has it
+  done, outs_f, outs_q = {}, None, None
+  for index, name in enumerate(
+    tqdm(walk.names, desc="diffuse+quantize", disable=not progress)
+  ):
+    if index:
+      calls_f = walk.next_calls(index, outs_f, params, batches)
+      calls_q = walk.next_calls(index, outs_q, stream_q, batches)
+    p_float = trees.get(params, name)
+    layers = walk.layer_order(name, p_float, calls_f[0])
+    # Leaves no linear layer owns (norms, an embedding inside a block) take
+    # their data-free rules first, so the quantized stream carries their
+    # error.
     kernels = {_join(name, layer, "kernel") for layer in layers}
     q_block, others_used = dispatch.quantize_tree(
-      {name: p_float}, recipe, skip=kernels
+      trees.nest(name, p_float), recipe, skip=kernels
     )
     used |= others_used
-    q_block = q_block[name]
+    q_block = trees.get(q_block, name)
     p_quant = qtensor.dequantize_tree(q_block)  # dequantized values done so far
     for layer in layers:
       path = _join(name, layer, "kernel")
-      index, _ = recipe.match(path, 2)
-      if index is None:
+      index_, _ = recipe.match(path, 2)
+      if index_ is None:
         continue
-      used.add(index)
-      rule = recipe.rules[index]
+      used.add(index_)
+      rule = recipe.rules[index_]
       # NaN/Inf weights are named here, before they poison both streams.
       w = dispatch.check_finite(
         path,
-        jnp.asarray(_get(p_float, _join(layer, "kernel"))),
+        jnp.asarray(trees.get(p_float, _join(layer, "kernel"))),
         rule.nan_policy,
       )
       g = c = mx = mxq = 0.0
       rows = 0.0
       for cf, cq in zip(calls_f, calls_q, strict=True):
-        s = two_stream_stats(module, layer, p_float, p_quant, extra, cf, cq)
+        s = walk.layer_stats(name, layer, p_float, p_quant, cf, cq)
         g, c, mx, mxq, rows = (
           g + s[0],
           c + s[1],
@@ -137,6 +119,7 @@ def quantize_two_stream(
           rows + s[4],
         )
       b_path = _join(layer, "bias")
+      bias = trees.get(p_float, b_path) if trees.has(p_float, b_path) else None
       stats = Stats(
         hessian=2.0 * g / rows,
         g=g,
@@ -144,21 +127,20 @@ def quantize_two_stream(
         mean_x=mx / rows,
         mean_xq=mxq / rows,
         rows=rows,
-        bias=_get(p_float, b_path) if _has(p_float, b_path) else None,
+        bias=None if bias is None else jnp.asarray(bias),
       )
       result = dispatch.apply_rule(rule, w, stats, path)
       qt = result.leaf
-      q_block = _set(q_block, _join(layer, "kernel"), qt)
-      p_quant = _set(
+      q_block = trees.replace(q_block, _join(layer, "kernel"), qt)
+      p_quant = trees.replace(
         p_quant, _join(layer, "kernel"), qt.dequantize().astype(w.dtype)
       )
       if result.bias is not None:
-        q_block = _set(q_block, b_path, result.bias)
-        p_quant = _set(p_quant, b_path, result.bias)
-    out[name] = q_block
-    xs_float = [module.apply({"params": p_float, **extra}, *c) for c in calls_f]
-    xs_quant = [module.apply({"params": p_quant, **extra}, *c) for c in calls_q]
-  qrest, rest_used = dispatch.quantize_tree(rest, recipe)
-  used |= rest_used
-  out.update(qrest)
-  return out
+        q_block = trees.replace(q_block, b_path, result.bias)
+        p_quant = trees.replace(p_quant, b_path, result.bias)
+    done[name] = q_block
+    outs_f = [walk.run(name, p_float, cf) for cf in calls_f]
+    outs_q = [walk.run(name, p_quant, cq) for cq in calls_q]
+    if getattr(walk, "needs_tree", False):
+      stream_q = trees.replace(stream_q, name, p_quant)
+  return _finish(params, recipe, walk, done, None, None, used)

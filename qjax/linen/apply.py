@@ -1,22 +1,28 @@
-"""Running a Flax Linen model from a quantized parameter tree.
+"""Running a Flax Linen model from a quantized tree.
 
-`apply(model, qparams, *inputs)` is `model.apply({'params': params},
-*inputs)` for a tree whose Dense kernels are QTensors (or PreparedWeights
-from qjax.kernels.prepare_tree). Every `nn.Dense` call is intercepted
-(qjax.intercept) and computed from its quantized kernel:
+`apply(model, variables, *inputs)` is `model.apply(variables, *inputs)`
+for variables (params plus any other collections, e.g. BatchNorm's
+'batch_stats'; a bare params tree works too) whose kernels are QTensors
+(or PreparedWeights from qjax.kernels.prepare_tree, or composite leaves).
+Every module call whose own 'kernel' is packed is intercepted
+(qjax.intercept):
 
-  mode='qmatmul'     y = qjax.kernels.qmatmul(x, kernel) + bias: the Pallas
+  nn.Dense, mode='qmatmul'
+                     y = qjax.kernels.qmatmul(x, kernel) + bias: the Pallas
                      kernel on GPU/TPU reads the packed codes; on CPU the
                      XLA reference decodes one layer's weight at a time.
-  mode='dequantize'  y = x @ kernel.dequantize() + bias, one layer at a
-                     time (the float weight of one layer exists while that
-                     layer runs, never the whole model's).
+  nn.Dense, mode='dequantize'
+                     y = x @ kernel.dequantize() + bias.
+  any other module (DenseGeneral, Einsum, Conv of any kind, a user's own
+  layer)             its own code runs on its parameters with the packed
+                     ones dequantized, one layer at a time.
 
-Quantized leaves that no Dense call takes (an embedding, a conv kernel:
-anything not a 2-D leaf named 'kernel') are dequantized up front, inside the
-caller's jit; a Dense whose kernel is a composite leaf (a PIPE Expansion)
-dequantizes it in its call.
+The float weight of one layer exists while that layer runs, never the whole
+model's. Packed leaves not named 'kernel' (an embedding, which `attend`
+reads too) are dequantized up front, inside the caller's jit.
 """
+
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
@@ -57,9 +63,27 @@ def _dense(module: nn.Dense, x, kernel, mode, impl, interpret):
   return y.astype(dtype)
 
 
+def _own_params(module) -> dict:
+  """The module's own parameters (its children's are sub-dicts)."""
+  if not module.has_variable("params", "kernel"):
+    return {}
+  return module.variables.get("params", {})
+
+
+def _run_dequantized(module, next_fun, args, kwargs):
+  """The module's own code on its variables with packed leaves dequantized."""
+  del next_fun
+  variables = dict(module.variables)
+  variables["params"] = {
+    k: (_dense_weight(v, jnp.float32) if _is_packed(v) else v)
+    for k, v in variables["params"].items()
+  }
+  return module.clone(parent=None).apply(variables, *args, **kwargs)
+
+
 def apply(
   model: nn.Module,
-  params,
+  variables,
   *inputs,
   mode: str = "qmatmul",
   impl: str = "auto",
@@ -67,13 +91,12 @@ def apply(
   method=None,
   **kwargs,
 ):
-  """model.apply({'params': params}, *inputs) from a quantized tree.
+  """model.apply(variables, *inputs) from a quantized tree.
 
   Args:
-    model: a Flax Linen module whose Dense layers hold the quantized kernels
-      (Flax layout [in, out]).
-    params: its 'params' collection with QTensor / PreparedWeight /
-      composite leaves in place of float arrays.
+    model: a Flax Linen module.
+    variables: {'params': quantized tree, other collections...}, or the
+      quantized params tree alone.
     *inputs: the model's inputs.
     mode: one of MODES (see the module docstring).
     impl, interpret: passed to qjax.kernels.qmatmul.
@@ -84,33 +107,33 @@ def apply(
   """
   if mode not in MODES:
     raise ValueError(f"unknown mode {mode!r}; known: {MODES}")
+  if not (isinstance(variables, Mapping) and "params" in variables):
+    variables = {"params": variables}
 
-  def dense(module, next_fun, args, kw):
-    if module.has_variable("params", "kernel"):
-      kernel = module.get_variable("params", "kernel")
-      if _is_packed(kernel):
-        return _dense(module, args[0], kernel, mode, impl, interpret)
-    return next_fun(*args, **kw)
+  def layer(module, next_fun, args, kw):
+    kernel = _own_params(module).get("kernel")
+    if not _is_packed(kernel):
+      return next_fun(*args, **kw)
+    if isinstance(module, nn.Dense):
+      return _dense(module, args[0], kernel, mode, impl, interpret)
+    return _run_dequantized(module, next_fun, args, kw)
 
-  with intercept.calls(dense, lambda m: isinstance(m, nn.Dense)):
+  with intercept.calls(layer):
     return model.apply(
-      {"params": _dequantize_non_dense(params)},
+      {**variables, "params": _dequantize_non_kernels(variables["params"])},
       *inputs,
       method=method,
       **kwargs,
     )
 
 
-def _dequantize_non_dense(params):
-  """Dequantizes packed leaves that no Dense call will intercept: those not
-  named 'kernel' or not 2-D (embeddings, conv kernels). Runs inside the
-  caller's jit, so XLA fuses each decode into its single use."""
+def _dequantize_non_kernels(params):
+  """Dequantizes packed leaves not named 'kernel' (embeddings): no layer
+  call is intercepted for them. Runs inside the caller's jit, so XLA fuses
+  each decode into its single use."""
 
   def visit(path, v):
-    if not _is_packed(v):
-      return v
-    name = getattr(path[-1], "key", None)
-    if name == "kernel" and len(v.shape) == 2:
+    if not _is_packed(v) or getattr(path[-1], "key", None) == "kernel":
       return v
     return _dense_weight(v, jnp.float32)
 

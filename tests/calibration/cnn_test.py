@@ -252,9 +252,7 @@ class DiffusionOnCNNTest(absltest.TestCase):
     # Depthwise inputs differ between the streams, so ED moves its codes.
     dw = ("block_1", "depthwise", "conv", "kernel")
     self.assertFalse(
-      np.array_equal(
-        _at(q, dw).dequantize(), _at(rtn_q, dw).dequantize()
-      )
+      np.array_equal(_at(q, dw).dequantize(), _at(rtn_q, dw).dequantize())
     )
     # The stem sees the images themselves: GPTQ's output error on them is
     # below RTN's (the point of calibrating a 3x3 conv at all).
