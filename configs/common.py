@@ -63,6 +63,9 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   # Blocks run along the input (contraction) axis: -2 of a Dense kernel
   # [in, out] and of a conv kernel [kh, kw, in, out].
   c.block_axis = -2
+  # The main rule's parameter-path regex (a converted safetensors file in
+  # its raw [out, in] layout needs e.g. pattern='weight$', block_axis=-1).
+  c.pattern = "kernel"
   c.scale_format = "float32"
   c.clip_ratios = ()
   c.ragged = True  # a short last block where the block does not divide

@@ -95,6 +95,10 @@ def run(config, output: str) -> dict:
   source = sources.open_source(source_path(config.source), config.layout)
   part = config.part_kb * 1024 if config.part_kb else None
   allow = bool(config.allow_unquantized)
+  import jax
+
+  if jax.process_index() == 0:
+    print(convert.plan_report(source, recipe), flush=True)
   if not recipe.needs_calibration:
     return convert.convert(
       source, recipe, output, max_part_bytes=part, allow_unquantized=allow

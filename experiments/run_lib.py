@@ -139,6 +139,7 @@ def recipe_config(config) -> dict:
       "rules": [_rule(config.factor_pattern, name, None, method, options)]
     }
   axis = config.block_axis
+  pattern = config.get("pattern", "kernel")
   data_free = config.rtn_pattern if config.method != "rtn" else ""
   rtn_options = {"rtn": {"clip_ratios": tuple(config.clip_ratios)}}
   rules = []
@@ -146,7 +147,7 @@ def recipe_config(config) -> dict:
     # A channel count that is no multiple of the block (MobileNetV2's 16
     # and 24) ends in a short block, as the MX spec's zero padding would.
     main = {
-      **_rule("kernel", name, None, method, options, config.ragged),
+      **_rule(pattern, name, None, method, options, config.ragged),
       "axis": axis,
     }
     if data_free:
@@ -171,7 +172,7 @@ def recipe_config(config) -> dict:
   scaling["zero_point"] = name.startswith("uint")
   if data_free:
     rules.append(_rule(data_free, name, scaling, "rtn", rtn_options))
-  return {"rules": [*rules, _rule("kernel", name, scaling, method, options)]}
+  return {"rules": [*rules, _rule(pattern, name, scaling, method, options)]}
 
 
 def recipe_from_config(config) -> qjax.Recipe:

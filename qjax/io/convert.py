@@ -116,6 +116,27 @@ def _plan(source, recipe, allow_unquantized, max_part_bytes):
   return specs, max_part_bytes
 
 
+def plan_report(source, recipe: Recipe, sample: int = 3) -> str:
+  """What a conversion will do, before it starts: per fate (a rule, or a
+  reason to leave the leaf as it is) the number of leaves, their float
+  bytes and a few of their paths."""
+  fates = {}
+  for path, s in source.specs().items():
+    index, reason = recipe.match(path, len(s.shape), math.prod(s.shape))
+    nbytes = math.prod(s.shape) * np.dtype(s.dtype).itemsize
+    count, total, paths = fates.get(reason, (0, 0, []))
+    fates[reason] = (count + 1, total + nbytes, paths + [path])
+  lines = [f"plan for {source.file}:"]
+  for reason, (count, total, paths) in sorted(
+    fates.items(), key=lambda kv: -kv[1][1]
+  ):
+    shown = ", ".join(paths[:sample]) + (", ..." if count > sample else "")
+    lines.append(
+      f"  {count:5d} leaves {total / 2**20:10.1f} MiB  {reason}: {shown}"
+    )
+  return "\n".join(lines)
+
+
 def _largest_leaf(specs) -> int:
   return max(
     math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in specs.values()

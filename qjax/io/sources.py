@@ -52,6 +52,9 @@ class Source:
     raise NotImplementedError
 
 
+LAYOUTS = ("auto", "raw", "minilm", "smollm2", "llama")
+
+
 def _from_host(spec, sharding, get_slice):
   """A global array from get_slice(index) -> np.ndarray (index: a tuple of
   slices into the leaf); without a sharding, the whole leaf. A zero-size
@@ -178,6 +181,9 @@ class GGUFSource(_NamedTensors):
         f"{file}: not a readable GGUF file ({type(e).__name__}: {e})"
       ) from e
     self._cache = (None, None)
+    if names == "llama":
+      shapes = self._tensor_shapes()
+      names = llama_names({k: v[0] for k, v in shapes.items()})
     super().__init__(file, names)
 
   def _tensor_shapes(self):
@@ -258,19 +264,67 @@ def save_float(directory, params) -> None:
     c.wait_until_finished()
 
 
+def llama_names(tensor_names) -> dict[str, tuple[str, bool]]:
+  """The documented Flax tree of a GGUF file with llama.cpp tensor names
+  (layout 'llama'), for any model llama.cpp writes:
+
+    token_embd.weight          embed/embedding        [vocab, d]
+    blk.N.<name>.weight (2-D)  blk_N/<name>/kernel    [in, out] (transposed
+                                                      from GGUF's [out, in])
+    blk.N.<name>.weight (1-D)  blk_N/<name>/scale     (norms)
+    blk.N.<name>.bias          blk_N/<name>/bias
+    output_norm.weight         output_norm/scale
+    output.weight              output/kernel          [d, vocab]
+    anything else              its name with '/' for '.'
+
+  So the default rule ('kernel', blocks along axis -2) quantizes every
+  projection, and 'embed' keeps the token embedding out unless a rule names
+  it.
+
+  Args:
+    tensor_names: {GGUF tensor name: numpy shape}.
+  """
+  out = {}
+  for name, shape in tensor_names.items():
+    parts = name.split(".")
+    if name == "token_embd.weight":
+      path, transpose = "embed/embedding", False
+    elif parts[-1] in ("weight", "bias"):
+      head = parts[:-1]
+      if head[0] == "blk" and len(head) > 1:
+        head = [f"blk_{head[1]}", *head[2:]]
+      if parts[-1] == "bias":
+        leaf, transpose = "bias", False
+      elif len(shape) == 2:
+        leaf, transpose = "kernel", True
+      else:
+        leaf, transpose = "scale", False
+      path = "/".join([*head, leaf])
+    else:
+      path, transpose = name.replace(".", "/"), False
+    if path in out:
+      raise ValueError(
+        f"GGUF tensors {out[path][0]!r} and {name!r} both map to {path!r}"
+      )
+    out[path] = (name, transpose)
+  return out
+
+
 def open_source(path, layout: str = "auto") -> Source:
   """A source for `path`: a directory is an orbax checkpoint, *.safetensors
   and *.gguf files are read with their readers.
 
   Args:
-    layout: 'raw' (tensor names as paths), 'minilm' or 'smollm2' (the Flax
-      trees of qjax.models), or 'auto' (the model layout when the file is
-      that model's packaged file, else raw).
+    layout: 'raw' (tensor names as paths, untransposed), 'minilm' or
+      'smollm2' (the Flax trees of qjax.models), 'llama' (a GGUF file with
+      llama.cpp names: see llama_names), or 'auto' (the model layout when
+      the file is that model's packaged file; else 'llama' for GGUF and
+      'raw' otherwise).
   """
   path = pathlib.Path(path)
-  if layout not in ("auto", "raw", "minilm", "smollm2"):
+  if layout not in LAYOUTS:
     raise ValueError(
-      f"unknown layout {layout!r}; choices: auto, raw, minilm, smollm2"
+      f"unknown layout {layout!r}; choices: {', '.join(LAYOUTS)}"
     )
   if path.is_dir():
     if layout not in ("auto", "raw"):
@@ -285,11 +339,11 @@ def open_source(path, layout: str = "auto") -> Source:
   if layout == "auto":
     layout = {
       ".safetensors": "minilm" if "minilm" in str(path).lower() else "raw",
-      ".gguf": "smollm2" if "smollm2" in path.name.lower() else "raw",
+      ".gguf": "smollm2" if "smollm2" in path.name.lower() else "llama",
     }.get(suffix, "raw")
   if suffix == ".safetensors":
-    if layout == "smollm2":
-      raise ValueError("layout 'smollm2' reads a GGUF file")
+    if layout in ("smollm2", "llama"):
+      raise ValueError(f"layout {layout!r} reads a GGUF file")
     names = None
     if layout == "minilm":
       from qjax.models import minilm
@@ -304,6 +358,8 @@ def open_source(path, layout: str = "auto") -> Source:
       from qjax.models import smollm2
 
       names = smollm2.gguf_names()
+    if layout == "llama":
+      return GGUFSource(path, "llama")
     return GGUFSource(path, names)
   raise ValueError(
     f"{path}: unknown input kind; expected an orbax checkpoint directory, "
