@@ -25,7 +25,9 @@ class DispatchTest(absltest.TestCase):
     want = qjax.gptq(w[0, 0], stats.hessian, formats.get("int4"), rule.scaling)
     self.assertEqual(got.shape, (1, 1, 16, 8))
     np.testing.assert_array_equal(got.codes[0, 0], want[0].codes)
-    with self.assertRaisesRegex(ValueError, "'c/k'.*not pointwise"):
+    # A 3x3 conv's statistics are over its patches (3*3*16 inputs): a
+    # Hessian of the wrong size names the parameter.
+    with self.assertRaisesRegex(ValueError, "'c/k'.*size 16 do not match"):
       dispatch.apply_rule(rule, jnp.ones((3, 3, 16, 8)), stats, "c/k")
 
   def test_each_leaf_gets_its_own_key(self):

@@ -142,7 +142,7 @@ class SpecTest(parameterized.TestCase):
 
     rule = qjax.rule("kernel", "mxfp6e3")
     self.assertEqual(
-      (rule.fmt, rule.scaling), formats.block_format("mxfp6_e3m2")
+      (rule.fmt, rule.scaling), formats.block_format("mxfp6_e3m2", axis=-2)
     )
     self.assertEqual(
       qjax.rule("kernel", "e4m3fn", formats.per_channel()).fmt,
