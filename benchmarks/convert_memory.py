@@ -1,9 +1,12 @@
 """Peak host memory of checkpoint conversion: streamed vs whole-tree.
 
   python -m benchmarks.convert_memory [--layers=2,10,30] [--format=mxfp4]
+  python -m benchmarks.convert_memory --model=gemma3
 
 SmolLM2 read from its GGUF, truncated to the first `layers` blocks (the
-token embedding, the largest leaf, is always there). Each way runs in a
+token embedding, the largest leaf, is always there); or the whole Gemma 3
+270M GGUF through the llama.cpp layout (qjax.io.sources.llama_names; its
+token embedding, 640 MiB in float32, is the largest leaf). Each way runs in a
 fresh process and reports its peak resident memory (ru_maxrss) minus the
 same process's resident memory after JAX has started and run a first
 computation (the baseline every way pays):
@@ -31,9 +34,13 @@ import qjax
 from qjax.io import checkpoint, convert, sources
 from qjax.models import smollm2
 base = rss()
-way, layers, fmt, out = sys.argv[1:5]
+way, layers, fmt, out, model = sys.argv[1:6]
 recipe = qjax.Recipe((qjax.rule("kernel", fmt, axis=-2),))
-src = sources.GGUFSource(smollm2.gguf_path(), smollm2.gguf_names(int(layers)))
+if model == "gemma3":
+  from qjax.models import gemma3
+  src = sources.open_source(gemma3.gguf_path(), "llama")
+else:
+  src = sources.GGUFSource(smollm2.gguf_path(), smollm2.gguf_names(int(layers)))
 if way == "streamed":
   convert.convert(src, recipe, out, progress=False)
 else:
@@ -54,10 +61,19 @@ print(json.dumps({"baseline": base, "peak": peak, "largest_leaf": max(sizes),
 """
 
 
-def measure(way: str, layers: int, fmt: str) -> dict:
+def measure(way: str, layers: int, fmt: str, model: str = "smollm2") -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     out = subprocess.run(
-      [sys.executable, "-c", _CHILD, way, str(layers), fmt, f"{tmp}/out"],
+      [
+        sys.executable,
+        "-c",
+        _CHILD,
+        way,
+        str(layers),
+        fmt,
+        f"{tmp}/out",
+        model,
+      ],
       check=True,
       capture_output=True,
       text=True,
@@ -69,9 +85,16 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--layers", default="2,10,30")
   parser.add_argument("--format", default="mxfp4")
+  parser.add_argument(
+    "--model", default="smollm2", choices=("smollm2", "gemma3")
+  )
   args = parser.parse_args()
   mib = 1 << 20
-  print(f"SmolLM2 GGUF, RTN {args.format}; peak memory above the JAX baseline")
+  if args.model == "gemma3":
+    args.layers = "18"
+  print(
+    f"{args.model} GGUF, RTN {args.format}; peak memory above the JAX baseline"
+  )
   print(
     "| layers | float model (MiB) | streamed (MiB) | whole tree (MiB) "
     "| streamed / largest leaf |"
@@ -79,7 +102,8 @@ def main():
   print("|---|---|---|---|---|")
   for layers in (int(n) for n in args.layers.split(",")):
     got = {
-      way: measure(way, layers, args.format) for way in ("streamed", "whole")
+      way: measure(way, layers, args.format, args.model)
+      for way in ("streamed", "whole")
     }
     extra = {way: m["peak"] - m["baseline"] for way, m in got.items()}
     m = got["streamed"]

@@ -70,7 +70,7 @@ def _tuple(v, n):
   if v is None:
     return (1,) * n
   if isinstance(v, int):
-    return (v,) * n
+    return (v,) * (n or 1)
   return tuple(int(a) for a in v)
 
 

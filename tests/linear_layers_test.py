@@ -126,6 +126,12 @@ class MatrixLayersTest(absltest.TestCase):
       got + np.asarray(v["params"]["bias"]).reshape(-1), y, rtol=1e-4, atol=1e-4
     )
 
+  def test_dense_general_with_an_int_axis(self):
+    x = jax.random.normal(jax.random.key(0), (3, 5, 6))
+    layer = nn.DenseGeneral((2, 4))  # axis=-1, an int
+    rows = np.asarray(linear_layers.input_rows(layer, x))
+    np.testing.assert_array_equal(rows, np.asarray(x).reshape(15, 6))
+
   def test_einsum_rows_follow_the_kernel_label_order(self):
     x = jax.random.normal(jax.random.key(0), (2, 3, 4, 5))  # b t n h
     layer = nnx.Einsum("btnh,nhd->btd", (4, 5, 6), rngs=nnx.Rngs(0))

@@ -180,7 +180,6 @@ class GGUFSource(_NamedTensors):
       raise ValueError(
         f"{file}: not a readable GGUF file ({type(e).__name__}: {e})"
       ) from e
-    self._cache = (None, None)
     if names == "llama":
       shapes = self._tensor_shapes()
       names = llama_names({k: v[0] for k, v in shapes.items()})
@@ -194,20 +193,39 @@ class GGUFSource(_NamedTensors):
     }
 
   def _slicer(self, name):
+    """Dequantizes only the rows a shard asks for, a few thousand rows at a
+    time into one float32 buffer: the float copy of a tensor never exists
+    beside a second one (the whole leaf, then its device copy, made it 3x
+    and more)."""
     from gguf.quants import dequantize
 
-    if self._cache[0] != name:  # dequantized once, sliced per shard
-      t = self._tensors[name]
-      full = np.asarray(dequantize(t.data, t.tensor_type), np.float32)
-      expected = self._tensor_shapes()[name][0]
-      if full.shape != expected:
-        raise ValueError(f"tensor {name!r} has {full.shape}, not {expected}")
-      self._cache = (name, full)
-    full = self._cache[1]
-    return lambda index: full[index]
+    t = self._tensors[name]
+    shape = self._tensor_shapes()[name][0]
+    data = t.data
+    if len(shape) < 2 or data.ndim < 2 or data.shape[0] != shape[0]:
+      full = np.asarray(dequantize(data, t.tensor_type), np.float32)
+      if full.shape != shape:
+        raise ValueError(f"tensor {name!r} has {full.shape}, not {shape}")
+      return lambda index: full[index]
+
+    def get(index):
+      rows = range(*index[0].indices(shape[0]))
+      if rows.step != 1:
+        raise ValueError(f"tensor {name!r}: strided reads are not supported")
+      out = np.empty((len(rows), *shape[1:]), np.float32)
+      step = max(1, (8 << 20) // (4 * math.prod(shape[1:])))  # ~8 MiB
+      for start in range(rows.start, rows.stop, step):
+        stop = min(start + step, rows.stop)
+        part = dequantize(data[start:stop], t.tensor_type)
+        out[start - rows.start : stop - rows.start] = np.reshape(
+          part, (stop - start, *shape[1:])
+        )
+      return out[(slice(None), *index[1:])]
+
+    return get
 
   def _release(self):
-    self._cache = (None, None)  # slices are copied into device buffers
+    pass
 
 
 class OrbaxSource(Source):
