@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.formats import exmy, integer, packing, presets
+from qjax.formats import exmy, integer, packing, power_of_two, presets
 from qjax.formats.scaling import Scaling
 
 Format = exmy.ExMy | integer.IntFormat | integer.Codebook
@@ -174,6 +174,11 @@ def _dequantize_auto(qt: QTensor) -> jax.Array:
     values = values - expand_blocks(
       qt.zero.astype(jnp.float32), qt.shape, block_shape
     )
+  if qt.scaling.scale_format == "e8m0" and qt.tensor_scale is None:
+    # 2^e by moving exponent bits: exact where 2^e or the value is
+    # subnormal (XLA:CPU flushes those in a multiplication).
+    e = qt.scale.astype(jnp.int32) - 127
+    return power_of_two.ldexp(values, expand_blocks(e, qt.shape, block_shape))
   scale = decode_scale(qt.scale, qt.scaling)
   if qt.tensor_scale is not None:
     scale = scale * qt.tensor_scale

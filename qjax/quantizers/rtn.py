@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from qjax import qtensor
-from qjax.formats import exmy, integer, packing, presets
+from qjax.formats import exmy, integer, packing, power_of_two, presets
 from qjax.formats.scaling import Scaling
 
 _E4M3 = presets.PRESETS["float8_e4m3fn"]
@@ -100,8 +100,13 @@ def _scales(stat, fmt, scaling: Scaling, tensor_scale):
   return stored, value
 
 
-def _encode_with(x, fmt, scale_full, zero_full, rounding, key):
-  y = jnp.where(scale_full > 0, x / scale_full, 0.0)
+def _encode_with(x, fmt, scale_full, zero_full, rounding, key, exponent=None):
+  if exponent is not None:
+    # A power-of-two scale: x / 2^e by moving exponent bits, exact also
+    # where 2^e or the result is subnormal (XLA:CPU flushes those).
+    y = power_of_two.ldexp(x, -exponent)
+  else:
+    y = jnp.where(scale_full > 0, x / scale_full, 0.0)
   if zero_full is not None:
     y = y + zero_full
   return fmt.encode(y, rounding=rounding, key=key)
@@ -120,6 +125,9 @@ class Grid(NamedTuple):
   tensor_scale: jax.Array | None
   scale_full: jax.Array
   zero_full: jax.Array | None
+  # E8M0 scales without a tensor scale: the scale's exponent e per element
+  # (scale = 2^e), for exact power-of-two arithmetic; else None.
+  exponent_full: jax.Array | None = None
 
 
 def block_scales(
@@ -143,6 +151,12 @@ def block_scales(
   expand = functools.partial(
     qtensor.expand_blocks, shape=shape, block_shape=block_shape
   )
+
+  def exponent_of(stored):
+    if scaling.scale_format != "e8m0" or scaling.tensor_scale:
+      return None
+    return expand(stored.astype(jnp.int32) - 127)
+
   if scaling.tensor_scale and tensor_scale is None:
     amax_t = jnp.max(jnp.abs(x))
     tensor_scale = divide(amax_t, element_max(fmt) * _E4M3.max)
@@ -170,7 +184,9 @@ def block_scales(
         expand(zero.astype(jnp.float32)),
       )
     stored, value = _scales(shrink * amax * r, fmt, scaling, tensor_scale)
-    return Grid(stored, None, tensor_scale, expand(value), None)
+    return Grid(
+      stored, None, tensor_scale, expand(value), None, exponent_of(stored)
+    )
 
   if not clip_ratios:
     return candidate(1.0)
@@ -178,7 +194,13 @@ def block_scales(
   for r in clip_ratios:
     grid = candidate(r)
     codes = _encode_with(
-      x, fmt, grid.scale_full, grid.zero_full, "nearest_even", None
+      x,
+      fmt,
+      grid.scale_full,
+      grid.zero_full,
+      "nearest_even",
+      None,
+      grid.exponent_full,
     )
     err = jnp.square(dequantize_with(codes, fmt, grid) - x)
     errors.append(_sum_blocks(err, block_shape))
@@ -192,7 +214,8 @@ def block_scales(
   if tensor_scale is not None:
     value = value * tensor_scale
   zero_full = None if zero is None else expand(zero.astype(jnp.float32))
-  return Grid(stored, zero, tensor_scale, expand(value), zero_full)
+  exponent = None if zero is not None else exponent_of(stored)
+  return Grid(stored, zero, tensor_scale, expand(value), zero_full, exponent)
 
 
 def dequantize_with(codes, fmt, grid: Grid) -> jax.Array:
@@ -200,6 +223,8 @@ def dequantize_with(codes, fmt, grid: Grid) -> jax.Array:
   values = fmt.decode(codes)
   if grid.zero_full is not None:
     values = values - grid.zero_full
+  if grid.exponent_full is not None:
+    return power_of_two.ldexp(values, grid.exponent_full)
   return values * grid.scale_full
 
 
@@ -207,7 +232,15 @@ def dequantize_with(codes, fmt, grid: Grid) -> jax.Array:
 def _rtn(x, fmt, scaling: Scaling, clip_ratios, rounding, key, shrink):
   grid = block_scales(x, fmt, scaling, clip_ratios, shrink)
   rkey = key if rounding == "stochastic" else None
-  codes = _encode_with(x, fmt, grid.scale_full, grid.zero_full, rounding, rkey)
+  codes = _encode_with(
+    x,
+    fmt,
+    grid.scale_full,
+    grid.zero_full,
+    rounding,
+    rkey,
+    grid.exponent_full,
+  )
   packed = packing.pack(codes, fmt.bits)
   return packed, grid.stored, grid.zero, grid.tensor_scale
 
