@@ -3,6 +3,7 @@
   .venv/bin/python -m benchmarks.gptq_magr                 # both layers
   .venv/bin/python -m benchmarks.gptq_magr --qwix          # + qwix 0.1.8
   .venv/bin/python -m benchmarks.gptq_magr --memory        # calibration RSS
+  .venv/bin/python -m benchmarks.gptq_magr --like_for_like # vs qwix, 4 ways
 
 Layers are [in, out] = 1536 x 576 (SmolLM2's down projection) and 4096 x
 4096, with H = (2/n) X^T X from n = 2 * in correlated random rows. Int4 per
@@ -21,6 +22,11 @@ MagR: time per proximal-gradient iteration of the jitted solver (pivot and
   iteration (sort-based projection, Eq. 4), as (t(2k) - t(k)) / k with k =
   --magr_iters (a quarter of it, and 3 for NumPy, on the big layer), so
   eigvalsh cancels out.
+--like_for_like: GPTQ on the 1536 x 576 layer, qjax against qwix 0.1.8
+  called eagerly and under jax.jit, each cold (the first call after
+  jax.clear_caches(), compilation included) and warm (later calls, timed in
+  turn so all three see the same moments of the machine); reports each
+  condition's median and range, and the ratios qwix / qjax.
 --memory: peak RSS growth while calibrating SmolLM2 block by block (GPTQ,
   16 x 512-token windows), next to the size of one block's activations and
   of all blocks' activations.
@@ -137,6 +143,31 @@ def _qwix_gptq(w, h):
   }
 
 
+def like_for_like(w, h, repeats):
+  """{way: {'cold': s, 'warm': [s, ...]}} for qjax, qwix eager, qwix jit."""
+  from qwix._src.core import qarray
+  from qwix.contrib import gptq_core
+
+  fmt, scaling = formats.get("int4"), formats.per_channel(-1)
+  how = qarray.HowToQuantize(qtype=jnp.int4, channelwise_axes=[0])
+  wj, hj = jnp.asarray(w), jnp.asarray(h)
+  wt, ht = jnp.asarray(w.T), jnp.asarray(h)
+  qwix_jit = jax.jit(lambda a, b: gptq_core.quantize_weight(a, b, how)[0])
+  ways = {
+    "qjax (jitted)": lambda: gptq.gptq(wj, hj, fmt, scaling)[0],
+    "qwix eager": lambda: gptq_core.quantize_weight(wt, ht, how)[0],
+    "qwix jax.jit": lambda: qwix_jit(wt, ht),
+  }
+  out = {}
+  for name, fn in ways.items():
+    jax.clear_caches()
+    out[name] = {"cold": _once(fn)[0], "warm": []}
+  for _ in range(repeats):
+    for name, fn in ways.items():
+      out[name]["warm"].append(_once(fn)[0])
+  return out
+
+
 def bench_magr(w, h, iters, repeats, numpy_iters):
   """Seconds per iteration: (t(2k iterations) - t(k)) / k, so the one-off
   eigvalsh and transfers cancel out of both sides."""
@@ -199,6 +230,26 @@ def bench_memory(windows=16, window=512):
   }
 
 
+def _print_like_for_like(rows):
+  import statistics
+
+  q = rows["qjax (jitted)"]
+  q_warm = statistics.median(q["warm"])
+  print(f"GPTQ int4 per channel, {SHAPES[0][0]}x{SHAPES[0][1]}")
+  print(
+    "| way | cold s | warm s: median (min-max) | cold / qjax cold "
+    "| warm / qjax warm |"
+  )
+  print("|---|---|---|---|---|")
+  for name, r in rows.items():
+    warm = statistics.median(r["warm"])
+    print(
+      f"| {name} | {r['cold']:.2f} | {warm:.3f} ({min(r['warm']):.3f}-"
+      f"{max(r['warm']):.3f}) | {r['cold'] / q['cold']:.1f}x | "
+      f"{warm / q_warm:.1f}x |"
+    )
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--repeats", type=int, default=3)
@@ -208,11 +259,15 @@ def main():
     "--qwix_big", action="store_true", help="qwix on 4096x4096 (~10 min)"
   )
   parser.add_argument("--memory", action="store_true")
+  parser.add_argument("--like_for_like", action="store_true")
   parser.add_argument(
     "--skip_gptq", action="store_true", help="only MagR (and --memory)"
   )
   args = parser.parse_args()
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}")
+  if args.like_for_like:
+    _print_like_for_like(like_for_like(*_layer(*SHAPES[0]), args.repeats))
+    return
   print("\nGPTQ int4 per channel")
   print(
     "| layer | qjax s | slow ref s | ratio | qwix s | ratio | "
