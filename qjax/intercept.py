@@ -109,7 +109,3 @@ def path(module) -> str:
   if isinstance(module, nnx.Module):
     return _NNX_PATHS[id(module)]
   return "/".join(module.scope.path)
-
-
-def is_nnx(model) -> bool:
-  return isinstance(model, nnx.Module)

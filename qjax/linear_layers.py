@@ -195,20 +195,6 @@ def input_rows(layer, x, args=(), kwargs=None) -> jax.Array:
   raise ValueError(f"{type(layer).__name__} is not a layer qjax calibrates")
 
 
-def gram(rows: jax.Array) -> jax.Array:
-  """X^T X per group: [n, d] -> [d, d]; [G, n, d] -> [G, d, d]."""
-  return jnp.einsum("...nd,...ne->...de", rows, rows, precision=_HI)
-
-
-def cross(rows_a: jax.Array, rows_b: jax.Array) -> jax.Array:
-  """A^T B per group, as gram."""
-  return jnp.einsum("...nd,...ne->...de", rows_a, rows_b, precision=_HI)
-
-
-def row_count(rows: jax.Array) -> jax.Array:
-  return jnp.float32(rows.shape[-2])
-
-
 def kernel_split(shape, d: int) -> int:
   """How many leading axes of a kernel of `shape` are its input (their
   product is d, the statistics' side).
