@@ -14,6 +14,8 @@ computation (the baseline every way pays):
   whole     load every float leaf, qjax.quantize, qjax.io.checkpoint.save
 Streaming is working when its peak stays flat as layers grow, a multiple
 of the largest leaf, while the whole-tree peak grows with the model.
+Measured (docs/convert.md): SmolLM2 262-266 MiB at 2-30 layers, 2.46x its
+108 MiB embedding; Gemma 3 1308 MiB, 2.04x its 640 MiB embedding.
 """
 
 import argparse

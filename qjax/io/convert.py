@@ -25,6 +25,7 @@ and checkpoint.save.
 """
 
 import collections.abc
+import ctypes
 import math
 import resource
 import warnings
@@ -60,19 +61,46 @@ def default_mesh() -> jax.sharding.Mesh:
   )
 
 
+def _return_freed_memory() -> None:
+  """Hands memory freed by the last leaf back to the OS (glibc only).
+
+  glibc keeps freed heap pages in its arenas; after a large leaf and its
+  orbax write, those pages stayed resident and every later leaf added to
+  them (measured on SmolLM2, 30 blocks: 325 MiB above the JAX baseline
+  without this, 263 MiB with it)."""
+  if _LIBC is not None:
+    _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc_trim  # noqa: B018 (absent outside glibc)
+    return libc
+  except (OSError, AttributeError):
+    return None
+
+
+_LIBC = _load_libc()
+
+
 def peak_rss_bytes() -> int:
   """This process's peak resident memory so far (Linux reports KiB)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 @jax.jit
-def _sqnr_terms(w, approx):
+def _sqnr_terms(w, q):
+  # Dequantized inside one jitted function: eagerly, every primitive of the
+  # decode compiled its own executable per leaf shape, which held ~100 MiB
+  # of host memory per new shape during conversion.
   w = w.astype(jnp.float32)
-  return jnp.sum(w * w), jnp.sum((w - approx.astype(jnp.float32)) ** 2)
+  approx = q.dequantize(jnp.float32)
+  return jnp.sum(w * w), jnp.sum((w - approx) ** 2)
 
 
 def _sqnr_db(w, q) -> float:
-  signal, noise = (float(x) for x in _sqnr_terms(w, q.dequantize(jnp.float32)))
+  signal, noise = (float(x) for x in _sqnr_terms(w, q))
   return math.inf if noise == 0 else 10 * math.log10(signal / noise)
 
 
@@ -112,7 +140,7 @@ def _plan(source, recipe, allow_unquantized, max_part_bytes):
     )
     dispatch.require_a_match(recipe, leaves, f"convert {source.file}")
   if max_part_bytes is None:
-    max_part_bytes = _largest_leaf(specs)
+    max_part_bytes = min(_largest_leaf(specs), _PART_CAP)
   return specs, max_part_bytes
 
 
@@ -135,6 +163,12 @@ def plan_report(source, recipe: Recipe, sample: int = 3) -> str:
       f"  {count:5d} leaves {total / 2**20:10.1f} MiB  {reason}: {shown}"
     )
   return "\n".join(lines)
+
+
+# The default part size is at most this: pending quantized leaves are held
+# until their part is flushed, and on a model whose largest leaf is small
+# (SmolLM2's is 108 MiB) a part that large was a third of the peak.
+_PART_CAP = 32 << 20
 
 
 def _largest_leaf(specs) -> int:
@@ -167,8 +201,8 @@ def convert(
     spec_fn: (shape, number of devices on 'x') -> PartitionSpec per leaf.
     key: for stochastic-rounding rules; leaf i gets fold_in(key, i).
     max_part_bytes: flush an orbax part after this many buffered bytes;
-      default the largest float leaf's bytes, so the buffer never holds
-      more than about two leaves.
+      default the largest float leaf's bytes or 32 MiB, whichever is
+      smaller, so the buffer never holds more than about two leaves.
     progress: a progress bar (on process 0).
     allow_unquantized: write the checkpoint even when no leaf matches a
       quantizing rule (otherwise an error before anything is written).
@@ -214,6 +248,7 @@ def convert(
       rows[path] = _row(spec, w, leaf, index)
       writer.add(tuple(path.split("/")), leaf)
       del w, leaf
+      _return_freed_memory()
     summary = _record(writer, source, rows)
   unused = recipe.unused(used)
   if unused:
@@ -321,6 +356,7 @@ def convert_calibrated(
         index, _ = recipe.match(path, len(specs[path].shape))
         rows[path] = _row(specs[path], w, leaf, index)
         writer.add(p, leaf)
+      _return_freed_memory()
 
     calibration.quantize_sequential(
       LazyParams(source),

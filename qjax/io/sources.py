@@ -17,6 +17,7 @@ A damaged file is a ValueError naming the file and, once reading, the leaf.
 """
 
 import math
+import mmap
 import pathlib
 
 import jax
@@ -53,6 +54,33 @@ class Source:
 
 
 LAYOUTS = ("auto", "raw", "minilm", "smollm2", "llama")
+# XLA:CPU adopts a host buffer without copying only when it is this aligned;
+# numpy's large allocations are 16-byte aligned, so each leaf read into one
+# was copied once on device_put and again by orbax on save (measured: a
+# 640 MiB leaf cost 1.9 GiB more than itself).
+_ALIGN = 64
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+  """An uninitialised C-contiguous array whose data starts on a 64-byte
+  boundary, so jax.device_put on CPU (and np.asarray of the result) share
+  its memory instead of copying it."""
+  dtype = np.dtype(dtype)
+  nbytes = math.prod(shape) * dtype.itemsize
+  raw = np.empty(nbytes + _ALIGN, np.uint8)
+  start = (-raw.ctypes.data) % _ALIGN
+  return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def aligned(x) -> np.ndarray:
+  """`x` as a C-contiguous, 64-byte aligned array: `x` itself when it is
+  one, else one copy."""
+  x = np.asarray(x)
+  if x.flags.c_contiguous and x.ctypes.data % _ALIGN == 0:
+    return x
+  out = aligned_empty(x.shape, x.dtype)
+  np.copyto(out, x)
+  return out
 
 
 def _from_host(spec, sharding, get_slice):
@@ -111,8 +139,8 @@ class _NamedTensors(Source):
 
     def get_slice(index):
       if transpose:
-        return np.ascontiguousarray(get(tuple(reversed(index))).T)
-      return np.asarray(get(index))
+        return aligned(get(tuple(reversed(index))).T)
+      return aligned(get(index))
 
     try:
       return _from_host(spec, sharding, get_slice)
@@ -176,6 +204,7 @@ class GGUFSource(_NamedTensors):
     try:
       reader = gguf.GGUFReader(str(file))
       self._tensors = {t.name: t for t in reader.tensors}
+      self._map = getattr(reader.data, "_mmap", None)
     except Exception as e:
       raise ValueError(
         f"{file}: not a readable GGUF file ({type(e).__name__}: {e})"
@@ -212,7 +241,7 @@ class GGUFSource(_NamedTensors):
       rows = range(*index[0].indices(shape[0]))
       if rows.step != 1:
         raise ValueError(f"tensor {name!r}: strided reads are not supported")
-      out = np.empty((len(rows), *shape[1:]), np.float32)
+      out = aligned_empty((len(rows), *shape[1:]), np.float32)
       step = max(1, (8 << 20) // (4 * math.prod(shape[1:])))  # ~8 MiB
       for start in range(rows.start, rows.stop, step):
         stop = min(start + step, rows.stop)
@@ -225,7 +254,11 @@ class GGUFSource(_NamedTensors):
     return get
 
   def _release(self):
-    pass
+    # The tensor's file pages stay in the page cache but leave this
+    # process's resident set: without this, every tensor read so far stayed
+    # mapped (Gemma 3's embedding alone added 170 MiB to the peak).
+    if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):
+      self._map.madvise(mmap.MADV_DONTNEED)
 
 
 class OrbaxSource(Source):
