@@ -107,9 +107,20 @@ def project_l1_ball(v: jax.Array, projection: str = "sort") -> jax.Array:
 
 
 def prox_linf(v: jax.Array, t, projection: str = "sort") -> jax.Array:
-  """prox of t ||.||_inf on each column of v [m, n] (Moreau, Eq. 3)."""
-  t = jnp.maximum(jnp.asarray(t, v.dtype), 1e-30)
-  return v - t * project_l1_ball(v / t, projection)
+  """prox of t ||.||_inf on each column of v [m, n] (Moreau, Eq. 3).
+
+  t = 0 gives v (the prox of the zero function). A column where v / t
+  overflows float32 (|v| > 3.4e38 t, so t < 1) is also returned as it is:
+  the prox moves a column by at most t in l1 norm, and only its entries
+  within t of the largest, whose float32 spacing is far above t, so v is
+  the correctly rounded answer (the division gave inf - inf = NaN there).
+  """
+  t = jnp.asarray(t, v.dtype)
+  safe = jnp.where(t > 0, jnp.maximum(t, 1e-30), 1.0)
+  scaled = v / safe
+  out = v - safe * project_l1_ball(scaled, projection)
+  keep = (t <= 0) | ~jnp.all(jnp.isfinite(scaled), axis=0)
+  return jnp.where(keep[None], v, out)
 
 
 def _grouped(f, w, group_size):

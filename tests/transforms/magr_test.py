@@ -61,6 +61,21 @@ class ProxTest(parameterized.TestCase):
     outside = np.abs(v).sum(0) > 1
     np.testing.assert_allclose(np.abs(p).sum(0)[outside], 1.0, rtol=1e-5)
 
+  @parameterized.parameters("sort", "pivot")
+  def test_zero_and_tiny_t_on_huge_values_give_v_not_nan(self, projection):
+    # v / t overflowed: t = 0 and |v| > 3.4e8 returned NaN.
+    v = np.array([[1e9, 0.5], [-3e38, 0.25], [2.0, -0.125]], np.float32)
+    for t in (0.0, 1e-30, 1e-35):
+      got = np.asarray(magr.prox_linf(v, t, projection))
+      np.testing.assert_array_equal(got, v, err_msg=f"t={t}")
+    # An ordinary column beside an overflowing one is still shrunk.
+    w = np.array([[3e38, 2.0], [1.0, 0.5]], np.float32)
+    got = np.asarray(magr.prox_linf(w, 1e-3, projection))
+    np.testing.assert_array_equal(got[:, 0], w[:, 0])
+    np.testing.assert_allclose(
+      got[:, 1], _prox_bisection(w[:, 1].astype(np.float64), 1e-3), atol=1e-6
+    )
+
   def test_sort_and_pivot_agree_on_a_real_scale_layer(self):
     rng = np.random.default_rng(1)
     v = rng.standard_normal((576, 300)).astype(np.float32) * 0.05
