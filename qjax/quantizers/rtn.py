@@ -23,7 +23,14 @@ import jax
 import jax.numpy as jnp
 
 from qjax import qtensor
-from qjax.formats import exmy, integer, packing, power_of_two, presets
+from qjax.formats import (
+  exact_ratio,
+  exmy,
+  integer,
+  packing,
+  power_of_two,
+  presets,
+)
 from qjax.formats.scaling import Scaling
 
 _E4M3 = presets.PRESETS["float8_e4m3fn"]
@@ -91,6 +98,13 @@ def _scales(stat, fmt, scaling: Scaling, tensor_scale):
     if tensor_scale is not None:
       s = divide(s, tensor_scale)
     stored = _E4M3.encode(jnp.clip(s, _E4M3_TINY, _E4M3.max))
+    if tensor_scale is not None:
+      # Two divisions rounded in float32 before e4m3 rounds: settle the
+      # code against the exact amax_b / (max_elem * s_t).
+      code = exact_ratio.nearest_magnitude_code(
+        stat, emax, tensor_scale, _E4M3, stored
+      )
+      stored = jnp.maximum(code, 1).astype(stored.dtype)  # clip at 2^-9
   else:
     s = divide(stat, emax).astype(scaling.scale_dtype())
     stored = jnp.where(s == 0, jnp.ones_like(s), s)  # all-zero block
@@ -100,11 +114,23 @@ def _scales(stat, fmt, scaling: Scaling, tensor_scale):
   return stored, value
 
 
-def _encode_with(x, fmt, scale_full, zero_full, rounding, key, exponent=None):
+def _encode_with(
+  x, fmt, scale_full, zero_full, rounding, key, exponent=None, two_level=None
+):
   if exponent is not None:
     # A power-of-two scale: x / 2^e by moving exponent bits, exact also
     # where 2^e or the result is subnormal (XLA:CPU flushes those).
     y = power_of_two.ldexp(x, -exponent)
+  elif (
+    two_level is not None
+    and zero_full is None
+    and rounding == "nearest_even"
+    and isinstance(fmt, exmy.ExMy)
+  ):
+    # x / (s_b * s_t) rounded once, not after float32 rounded the product
+    # and the quotient.
+    block_full, tensor_scale = two_level
+    return exact_ratio.round_ratio(x, block_full, tensor_scale, fmt)
   else:
     y = jnp.where(scale_full > 0, x / scale_full, 0.0)
   if zero_full is not None:
@@ -128,6 +154,15 @@ class Grid(NamedTuple):
   # E8M0 scales without a tensor scale: the scale's exponent e per element
   # (scale = 2^e), for exact power-of-two arithmetic; else None.
   exponent_full: jax.Array | None = None
+  # With a tensor scale s_t (NVFP4): the decoded block scale per element,
+  # so that x / (block * s_t) rounds once (exact_ratio); else None.
+  block_full: jax.Array | None = None
+
+  @property
+  def two_level(self):
+    if self.block_full is None:
+      return None
+    return self.block_full, self.tensor_scale
 
 
 def block_scales(
@@ -157,6 +192,11 @@ def block_scales(
       return None
     return expand(stored.astype(jnp.int32) - 127)
 
+  def block_of(stored):
+    if tensor_scale is None:
+      return None
+    return expand(qtensor.decode_scale(stored, scaling))
+
   if scaling.tensor_scale and tensor_scale is None:
     amax_t = jnp.max(jnp.abs(x))
     tensor_scale = divide(amax_t, element_max(fmt) * _E4M3.max)
@@ -185,7 +225,13 @@ def block_scales(
       )
     stored, value = _scales(shrink * amax * r, fmt, scaling, tensor_scale)
     return Grid(
-      stored, None, tensor_scale, expand(value), None, exponent_of(stored)
+      stored,
+      None,
+      tensor_scale,
+      expand(value),
+      None,
+      exponent_of(stored),
+      block_of(stored),
     )
 
   if not clip_ratios:
@@ -201,6 +247,7 @@ def block_scales(
       "nearest_even",
       None,
       grid.exponent_full,
+      grid.two_level,
     )
     err = jnp.square(dequantize_with(codes, fmt, grid) - x)
     errors.append(_sum_blocks(err, block_shape))
@@ -215,7 +262,10 @@ def block_scales(
     value = value * tensor_scale
   zero_full = None if zero is None else expand(zero.astype(jnp.float32))
   exponent = None if zero is not None else exponent_of(stored)
-  return Grid(stored, zero, tensor_scale, expand(value), zero_full, exponent)
+  block = None if zero is not None else block_of(stored)
+  return Grid(
+    stored, zero, tensor_scale, expand(value), zero_full, exponent, block
+  )
 
 
 def dequantize_with(codes, fmt, grid: Grid) -> jax.Array:
@@ -240,6 +290,7 @@ def _rtn(x, fmt, scaling: Scaling, clip_ratios, rounding, key, shrink):
     rounding,
     rkey,
     grid.exponent_full,
+    grid.two_level,
   )
   packed = packing.pack(codes, fmt.bits)
   return packed, grid.stored, grid.zero, grid.tensor_scale

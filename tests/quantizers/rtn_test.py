@@ -126,24 +126,49 @@ class MxTest(parameterized.TestCase):
 
 
 class NvFp4Test(absltest.TestCase):
-  def _reference(self, w):
-    e4m3 = ml_dtypes.float8_e4m3fn
-    grid = np.unique(formats.get("float4_e2m1fn").values().astype(np.float64))
+  def _reference(self, w, naive=False):
+    """float64 correctly rounded NVFP4 (naive=True: the float32 chain
+    e4m3(f32(f32(amax_b / 6) / s_t)), e2m1(f32(w / f32(s_b * s_t))) that
+    qjax used before, to show the test data has cases that tell them
+    apart)."""
+    positive = formats.get("float8_e4m3fn").values().astype(np.float64)
+    e4m3 = np.unique(positive[np.isfinite(positive) & (positive >= 0)])
+    e2m1 = np.unique(
+      np.abs(formats.get("float4_e2m1fn").values().astype(np.float64))
+    )
     s_t = np.float32(np.abs(w).max() / (6 * 448))
     out = np.zeros_like(w)
     for b in range(w.shape[0] // 16):
       for j in range(w.shape[1]):
         blk = w[16 * b : 16 * b + 16, j]
-        s_b = np.clip(np.abs(blk).max() / np.float32(6) / s_t, 2.0**-9, 448)
-        s_b = np.float32(s_b).astype(e4m3).astype(np.float32)
-        s = np.float32(s_b * s_t)
-        out[16 * b : 16 * b + 16, j] = (
-          _nearest_on_grid((blk / s).astype(np.float64), grid).astype(
-            np.float32
-          )
-          * s  # dequantize order: q * (s_b * s_t)
-        )
+        amax = np.abs(blk).max()
+        if naive:
+          ratio = np.float32(amax / np.float32(6)) / s_t
+        else:
+          ratio = np.float64(amax) / (6 * np.float64(s_t))
+        s_b = _nearest_on_grid(np.clip(ratio, 2.0**-9, 448), e4m3)
+        if naive:
+          y = np.abs(blk / np.float32(s_b * s_t)).astype(np.float64)
+        else:
+          y = np.abs(blk.astype(np.float64)) / (s_b * np.float64(s_t))
+        q = np.sign(blk) * _nearest_on_grid(y, e2m1)
+        s = np.float32(np.float32(s_b) * s_t)
+        out[16 * b : 16 * b + 16, j] = q.astype(np.float32) * s
     return out
+
+  def test_bf16_weights_round_as_the_exact_ratio_does(self):
+    # bfloat16 weights (8-bit significands, like SmolLM2's) put block and
+    # element ratios on midpoints exactly, where two float32 roundings
+    # before the grid's used to pick the wrong neighbour.
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((512, 64)).astype(ml_dtypes.bfloat16)
+    w = w.astype(np.float32)
+    w[:16, 0] = [6 * 3.25, 1, 0.75, -2.5, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    element, scaling = formats.block_format("nvfp4")
+    got = np.asarray(rtn.rtn(w, element, scaling).dequantize())
+    want = self._reference(w)
+    self.assertGreater(int(np.sum(self._reference(w, naive=True) != want)), 0)
+    np.testing.assert_array_equal(got, want)
 
   def test_matches_reference(self):
     w = np.random.default_rng(1).standard_normal((64, 8)).astype(np.float32)
