@@ -185,7 +185,15 @@ def _gpfq_rows(state, rows, a, g, diag, w, fmt, grid: rtn.Grid):
     fed = a[t] - jnp.matmul(g[t], q, precision=_HI)  # rows >= t of q are 0
     z = _target(fed, diag[t], w[t])
     s, zp = scale[t - start], zero[t - start]
-    code = fmt.encode(jnp.where(s > 0, z / s, 0.0) + zp)
+    code = rtn.encode_scaled(
+      z,
+      fmt,
+      s,
+      zp if grid.block_full is None else None,
+      None
+      if grid.block_full is None
+      else (grid.block_full[t - start], grid.tensor_scale),
+    )
     value = (fmt.decode(code) - zp) * s
     return codes.at[t].set(code), q.at[t].set(value)
 

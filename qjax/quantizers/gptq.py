@@ -70,11 +70,15 @@ def _gptq(w, h, fmt, scaling, block_size, act_order, clip_ratios, damp, shrink):
   scale, zero = grid.scale_full, grid.zero_full
   if zero is None:
     zero = jnp.zeros_like(scale)
+  # NVFP4: the block scale per element, so values round against the exact
+  # block * tensor scale (rtn.encode_scaled); ones otherwise (unused).
+  two_level = grid.block_full is not None
+  block_full = grid.block_full if two_level else jnp.ones_like(scale)
 
   perm = (
     jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(n_in)
   )
-  wp, sp, zp = w[perm], scale[perm], zero[perm]
+  wp, sp, zp, bp = w[perm], scale[perm], zero[perm], block_full[perm]
   hp = h[perm][:, perm]
   hp = hp + damp * jnp.mean(jnp.diag(hp)) * jnp.eye(n_in)
   u = _upper_cholesky_of_inverse(hp)
@@ -84,15 +88,21 @@ def _gptq(w, h, fmt, scaling, block_size, act_order, clip_ratios, damp, shrink):
   wp = jnp.pad(wp, ((0, pad), (0, 0)))
   sp = jnp.pad(sp, ((0, pad), (0, 0)), constant_values=1.0)
   zp = jnp.pad(zp, ((0, pad), (0, 0)))
+  bp = jnp.pad(bp, ((0, pad), (0, 0)), constant_values=1.0)
   u = jnp.pad(u, ((0, pad), (0, pad)))
   u = u + jnp.diag(jnp.concatenate([jnp.zeros(n_in), jnp.ones(pad)]))
 
   code_dtype = exmy.code_dtype(fmt.bits)
   rows = jnp.arange(n_p)
 
-  def quantize_row(x, s, z):
-    y = jnp.where(s > 0, x / s, 0.0) + z
-    codes = fmt.encode(y)
+  def quantize_row(x, s, z, b):
+    codes = rtn.encode_scaled(
+      x,
+      fmt,
+      s,
+      None if two_level else z,
+      (b, grid.tensor_scale) if two_level else None,
+    )
     return codes, (fmt.decode(codes) - z) * s
 
   def block(b, carry: _Carry) -> _Carry:
@@ -102,10 +112,11 @@ def _gptq(w, h, fmt, scaling, block_size, act_order, clip_ratios, damp, shrink):
     u1 = jax.lax.dynamic_slice_in_dim(u_rows, i1, block_size, 1)  # [B, B]
     s1 = jax.lax.dynamic_slice_in_dim(sp, i1, block_size, 0)
     z1 = jax.lax.dynamic_slice_in_dim(zp, i1, block_size, 0)
+    b1 = jax.lax.dynamic_slice_in_dim(bp, i1, block_size, 0)
 
     def row(j, state):
       w1, c1, q1, e1, loss = state
-      codes, q = quantize_row(w1[j], s1[j], z1[j])
+      codes, q = quantize_row(w1[j], s1[j], z1[j], b1[j])
       d = u1[j, j]
       err = (w1[j] - q) / d
       # U1 is upper triangular: this only moves rows >= j of the block.

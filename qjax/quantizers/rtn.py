@@ -114,6 +114,31 @@ def _scales(stat, fmt, scaling: Scaling, tensor_scale):
   return stored, value
 
 
+def encode_scaled(
+  x, fmt, scale, zero=None, two_level=None, rounding=None
+) -> jax.Array:
+  """Codes of x on a fixed grid: fmt.encode(x / scale + zero, rounding)
+  (rounding None: the format's own).
+
+  With `two_level` = (block, tensor_scale) (NVFP4; no zero point, an ExMy
+  element), x / (block * tensor_scale) is rounded once (exact_ratio), not
+  after float32 rounded the product and the quotient. GPTQ, GPFQ and RTN
+  quantize each value through this. All arrays broadcast to x.
+  """
+  if (
+    two_level is not None
+    and zero is None
+    and isinstance(fmt, exmy.ExMy)
+    and (rounding or fmt.rounding) == "nearest_even"
+  ):
+    block, tensor_scale = two_level
+    return exact_ratio.round_ratio(x, block, tensor_scale, fmt)
+  y = jnp.where(scale > 0, x / scale, 0.0)
+  if zero is not None:
+    y = y + zero
+  return fmt.encode(y, rounding=rounding)
+
+
 def _encode_with(
   x, fmt, scale_full, zero_full, rounding, key, exponent=None, two_level=None
 ):
@@ -121,16 +146,10 @@ def _encode_with(
     # A power-of-two scale: x / 2^e by moving exponent bits, exact also
     # where 2^e or the result is subnormal (XLA:CPU flushes those).
     y = power_of_two.ldexp(x, -exponent)
-  elif (
-    two_level is not None
-    and zero_full is None
-    and rounding == "nearest_even"
-    and isinstance(fmt, exmy.ExMy)
-  ):
-    # x / (s_b * s_t) rounded once, not after float32 rounded the product
-    # and the quotient.
-    block_full, tensor_scale = two_level
-    return exact_ratio.round_ratio(x, block_full, tensor_scale, fmt)
+  elif rounding == "nearest_even":
+    return encode_scaled(
+      x, fmt, scale_full, zero_full, two_level, "nearest_even"
+    )
   else:
     y = jnp.where(scale_full > 0, x / scale_full, 0.0)
   if zero_full is not None:

@@ -1,6 +1,7 @@
 """GPTQ against a slow OBS reference, plus the properties of the notes."""
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from absl.testing import absltest, parameterized
 
@@ -118,6 +119,20 @@ class GPTQTest(parameterized.TestCase):
     w, _ = _layer(3)
     qt, _ = gptq.gptq(w, np.eye(96, dtype=np.float32), fmt, scaling, damp=0.0)
     np.testing.assert_array_equal(qt.codes, rtn.rtn(w, fmt, scaling).codes)
+
+  def test_identity_hessian_is_rtn_on_nvfp4_ties(self):
+    # bfloat16 weights put element ratios on e2m1 midpoints exactly; GPTQ
+    # must round them as RTN does, once against block * tensor scale, not
+    # after float32 rounded the product and the quotient.
+    element, scaling = formats.block_format("nvfp4")
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((512, 64)).astype(ml_dtypes.bfloat16)
+    w = w.astype(np.float32)
+    eye = np.eye(512, dtype=np.float32)
+    qt, _ = gptq.gptq(w, eye, element, scaling, damp=0.0)
+    want = rtn.rtn(w, element, scaling)
+    np.testing.assert_array_equal(qt.scale, want.scale)
+    np.testing.assert_array_equal(qt.codes, want.codes)
 
   def test_dead_inputs_give_zero_rows(self):
     w, h = _layer(4)
