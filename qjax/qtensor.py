@@ -166,6 +166,10 @@ def _dequantize(qt: QTensor) -> jax.Array:
   return _dequantize_auto(qt)
 
 
+# One executable per (format, scaling, shape): run eagerly, each primitive
+# of the decode compiled its own per shape (a conversion held ~100 MiB of
+# them per new leaf shape).
+@jax.jit
 def _dequantize_auto(qt: QTensor) -> jax.Array:
   codes = packing.unpack(qt.codes, qt.fmt.bits, qt.shape[-1])
   values = qt.fmt.decode(codes)
