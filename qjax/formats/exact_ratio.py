@@ -56,16 +56,23 @@ def compare_product(x: jax.Array, a: jax.Array, b: jax.Array):
   return d > p_lo, d == p_lo
 
 
+def fits(c_bits: int, fmt: exmy.ExMy) -> bool:
+  """Whether a c of `c_bits` significant bits times a midpoint of `fmt`
+  fits the 12 bits the exact comparison needs (E4M3 block scales with E2M1
+  to E5M6-wide elements do; wider ones keep float32 division)."""
+  return c_bits + fmt.mantissa_bits + 2 <= _HALF_BITS
+
+
 def nearest_magnitude_code(
-  x: jax.Array, c, b: jax.Array, fmt: exmy.ExMy, code: jax.Array
+  x: jax.Array, c, c_bits: int, b: jax.Array, fmt: exmy.ExMy, code
 ) -> jax.Array:
   """The magnitude code of `fmt` nearest to x / (c * b), ties to even.
 
   Args:
     x: [...] float32 >= 0, the numerators.
-    c: float32 >= 0 of few significant bits (broadcast to x): the element
-      format's max (6 for NVFP4's block scale) or a decoded block scale; c
-      times a midpoint of `fmt` must fit 12 bits (checked for Python floats).
+    c: float32 >= 0 (broadcast to x) of at most `c_bits` significant bits:
+      the element format's max (6 for NVFP4's block scale) or a decoded
+      block scale (4 bits for E4M3); `fits(c_bits, fmt)` must hold.
     b: float32 > 0 (broadcast to x), any value: the tensor scale.
     fmt: the target grid (sign-magnitude; finite codes 0..max_magnitude_code).
     code: [...] the float32 estimate's magnitude code, at most one step off.
@@ -73,13 +80,11 @@ def nearest_magnitude_code(
   Returns:
     [...] corrected magnitude codes, saturating at fmt.max_magnitude_code.
   """
-  if isinstance(c, float | int):
-    need = significant_bits(c) + fmt.mantissa_bits + 2
-    if need > _HALF_BITS:
-      raise ValueError(
-        f"exact rounding onto {fmt}: c = {c} has too many significant "
-        f"bits ({need} > {_HALF_BITS} with a midpoint)"
-      )
+  if not fits(c_bits, fmt):
+    raise ValueError(
+      f"exact rounding onto {fmt}: a {c_bits}-bit c times a midpoint "
+      f"needs {c_bits + fmt.mantissa_bits + 2} > {_HALF_BITS} bits"
+    )
   top = fmt.max_magnitude_code
   code = code.astype(jnp.int32)
   as_codes = lambda k: k.astype(exmy.code_dtype(fmt.bits))  # noqa: E731
@@ -96,12 +101,13 @@ def nearest_magnitude_code(
   return code + go_up.astype(jnp.int32) - go_down.astype(jnp.int32)
 
 
-def round_ratio(x: jax.Array, c, b, fmt: exmy.ExMy) -> jax.Array:
+def round_ratio(x: jax.Array, c, c_bits: int, b, fmt: exmy.ExMy) -> jax.Array:
   """codes of fmt (with sign) of x / (c * b), correctly rounded to nearest
-  even; saturating. x: [...] float32 any sign; c, b > 0 broadcast to x."""
+  even; saturating. x: [...] float32 any sign; c, b > 0 broadcast to x;
+  c_bits as in nearest_magnitude_code."""
   estimate = fmt.encode(x / (c * b))
   sign_bit = (1 << (fmt.bits - 1)) if fmt.signed else 0
   magnitude = estimate.astype(jnp.int32) & ~sign_bit
   sign = estimate.astype(jnp.int32) & sign_bit
-  exact = nearest_magnitude_code(jnp.abs(x), c, b, fmt, magnitude)
+  exact = nearest_magnitude_code(jnp.abs(x), c, c_bits, b, fmt, magnitude)
   return (sign | exact).astype(estimate.dtype)

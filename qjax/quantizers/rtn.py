@@ -35,6 +35,7 @@ from qjax.formats.scaling import Scaling
 
 _E4M3 = presets.PRESETS["float8_e4m3fn"]
 _E4M3_TINY = _E4M3.smallest_subnormal
+_E4M3_BITS = _E4M3.mantissa_bits + 1  # significant bits of a scale
 
 
 def _saturating(fmt):
@@ -98,11 +99,12 @@ def _scales(stat, fmt, scaling: Scaling, tensor_scale):
     if tensor_scale is not None:
       s = divide(s, tensor_scale)
     stored = _E4M3.encode(jnp.clip(s, _E4M3_TINY, _E4M3.max))
-    if tensor_scale is not None:
+    emax_bits = exact_ratio.significant_bits(emax)
+    if tensor_scale is not None and exact_ratio.fits(emax_bits, _E4M3):
       # Two divisions rounded in float32 before e4m3 rounds: settle the
       # code against the exact amax_b / (max_elem * s_t).
       code = exact_ratio.nearest_magnitude_code(
-        stat, emax, tensor_scale, _E4M3, stored
+        stat, emax, emax_bits, tensor_scale, _E4M3, stored
       )
       stored = jnp.maximum(code, 1).astype(stored.dtype)  # clip at 2^-9
   else:
@@ -115,13 +117,14 @@ def _scales(stat, fmt, scaling: Scaling, tensor_scale):
 
 
 def encode_scaled(
-  x, fmt, scale, zero=None, two_level=None, rounding=None
+  x, fmt, scale, zero=None, two_level=None, rounding=None, key=None
 ) -> jax.Array:
-  """Codes of x on a fixed grid: fmt.encode(x / scale + zero, rounding)
+  """Codes of x on a fixed grid: fmt.encode(x / scale + zero, rounding, key)
   (rounding None: the format's own).
 
-  With `two_level` = (block, tensor_scale) (NVFP4; no zero point, an ExMy
-  element), x / (block * tensor_scale) is rounded once (exact_ratio), not
+  With `two_level` = (block, tensor_scale) (NVFP4: E4M3 blocks, no zero
+  point, an ExMy element of up to 6 mantissa bits) and nearest-even
+  rounding, x / (block * tensor_scale) is rounded once (exact_ratio), not
   after float32 rounded the product and the quotient. GPTQ, GPFQ and RTN
   quantize each value through this. All arrays broadcast to x.
   """
@@ -129,29 +132,27 @@ def encode_scaled(
     two_level is not None
     and zero is None
     and isinstance(fmt, exmy.ExMy)
+    and exact_ratio.fits(_E4M3_BITS, fmt)
     and (rounding or fmt.rounding) == "nearest_even"
   ):
     block, tensor_scale = two_level
-    return exact_ratio.round_ratio(x, block, tensor_scale, fmt)
+    return exact_ratio.round_ratio(x, block, _E4M3_BITS, tensor_scale, fmt)
   y = jnp.where(scale > 0, x / scale, 0.0)
   if zero is not None:
     y = y + zero
-  return fmt.encode(y, rounding=rounding)
+  return fmt.encode(y, rounding=rounding, key=key)
 
 
 def _encode_with(
   x, fmt, scale_full, zero_full, rounding, key, exponent=None, two_level=None
 ):
-  if exponent is not None:
-    # A power-of-two scale: x / 2^e by moving exponent bits, exact also
-    # where 2^e or the result is subnormal (XLA:CPU flushes those).
-    y = power_of_two.ldexp(x, -exponent)
-  elif rounding == "nearest_even":
+  if exponent is None:
     return encode_scaled(
-      x, fmt, scale_full, zero_full, two_level, "nearest_even"
+      x, fmt, scale_full, zero_full, two_level, rounding, key
     )
-  else:
-    y = jnp.where(scale_full > 0, x / scale_full, 0.0)
+  # A power-of-two scale: x / 2^e by moving exponent bits, exact also where
+  # 2^e or the result is subnormal (XLA:CPU flushes those).
+  y = power_of_two.ldexp(x, -exponent)
   if zero_full is not None:
     y = y + zero_full
   return fmt.encode(y, rounding=rounding, key=key)

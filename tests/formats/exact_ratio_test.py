@@ -5,6 +5,7 @@ import fractions
 import numpy as np
 from absl.testing import absltest
 
+from qjax import formats
 from qjax.formats import exact_ratio
 
 
@@ -56,6 +57,16 @@ class CompareProductTest(absltest.TestCase):
     self.assertEqual(exact_ratio.significant_bits(0.75), 2)
     self.assertEqual(exact_ratio.significant_bits(0.0), 0)
     self.assertEqual(exact_ratio.significant_bits(127.0), 7)
+
+  def test_wide_elements_are_refused_not_rounded_wrongly(self):
+    # A 4-bit E4M3 scale times an E5M7 midpoint needs 13 bits: the exact
+    # comparison would not be exact, so it refuses instead of guessing.
+    wide, narrow = formats.get("e5m7"), formats.get("float4_e2m1fn")
+    self.assertTrue(exact_ratio.fits(4, narrow))
+    self.assertFalse(exact_ratio.fits(4, wide))
+    x = np.ones(3, np.float32)
+    with self.assertRaisesRegex(ValueError, "13 > 12 bits"):
+      exact_ratio.nearest_magnitude_code(x, 1.0, 4, x, wide, x.astype(np.int32))
 
 
 if __name__ == "__main__":
