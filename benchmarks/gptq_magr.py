@@ -9,7 +9,8 @@ Layers are [in, out] = 1536 x 576 (SmolLM2's down projection) and 4096 x
 4096, with H = (2/n) X^T X from n = 2 * in correlated random rows. Int4 per
 output channel (symmetric), as qwix's GPTQ does it.
 
-GPTQ: jitted qjax (median of --repeats after a compile run) against
+GPTQ: jitted qjax (median of --repeats after a compile run; the default
+  precision='float64', and 'float32' beside it) against
   (a) the slow reference of the tests: NumPy float64, one input row at a
       time with the OBS update of every later row and H^-1 downdate, no
       blocks, no lazy updates;
@@ -22,11 +23,12 @@ MagR: time per proximal-gradient iteration of the jitted solver (pivot and
   iteration (sort-based projection, Eq. 4), as (t(2k) - t(k)) / k with k =
   --magr_iters (a quarter of it, and 3 for NumPy, on the big layer), so
   eigvalsh cancels out.
---like_for_like: GPTQ on the 1536 x 576 layer, qjax against qwix 0.1.8
-  called eagerly and under jax.jit, each cold (the first call after
+--like_for_like: GPTQ on the 1536 x 576 layer, qjax (precision='float32',
+  qwix's arithmetic, and the default 'float64') against qwix 0.1.8 called
+  eagerly and under jax.jit, each cold (the first call after
   jax.clear_caches(), compilation included) and warm (later calls, timed in
   turn so all three see the same moments of the machine); reports each
-  condition's median and range, and the ratios qwix / qjax.
+  condition's median and range, and the ratios to qjax float32.
 --memory: peak RSS growth while calibrating SmolLM2 block by block (GPTQ,
   16 x 512-token windows), next to the size of one block's activations and
   of all blocks' activations.
@@ -110,9 +112,13 @@ def numpy_magr(w0, h, alpha, iters):
 def bench_gptq(w, h, repeats, with_slow, with_qwix):
   fmt, scaling = formats.get("int4"), formats.per_channel(-1)
   t_fast = median_seconds(lambda: gptq.gptq(w, h, fmt, scaling), repeats)
+  t_f32 = median_seconds(
+    lambda: gptq.gptq(w, h, fmt, scaling, precision="float32"), repeats
+  )
   qt, info = gptq.gptq(w, h, fmt, scaling)
   row = {
     "qjax_s": t_fast,
+    "qjax_f32_s": t_f32,
     "qjax_loss": _loss(w, qt.dequantize(), h),
     "rtn_loss": _loss(w, rtn.rtn(w, fmt, scaling).dequantize(), h),
   }
@@ -154,7 +160,12 @@ def like_for_like(w, h, repeats):
   wt, ht = jnp.asarray(w.T), jnp.asarray(h)
   qwix_jit = jax.jit(lambda a, b: gptq_core.quantize_weight(a, b, how)[0])
   ways = {
-    "qjax (jitted)": lambda: gptq.gptq(wj, hj, fmt, scaling)[0],
+    "qjax float32 (jitted)": lambda: gptq.gptq(
+      wj, hj, fmt, scaling, precision="float32"
+    )[0],
+    "qjax float64 (jitted)": lambda: gptq.gptq(
+      wj, hj, fmt, scaling, precision="float64"
+    )[0],
     "qwix eager": lambda: gptq_core.quantize_weight(wt, ht, how)[0],
     "qwix jax.jit": lambda: qwix_jit(wt, ht),
   }
@@ -233,12 +244,12 @@ def bench_memory(windows=16, window=512):
 def _print_like_for_like(rows):
   import statistics
 
-  q = rows["qjax (jitted)"]
+  q = rows["qjax float32 (jitted)"]
   q_warm = statistics.median(q["warm"])
   print(f"GPTQ int4 per channel, {SHAPES[0][0]}x{SHAPES[0][1]}")
   print(
-    "| way | cold s | warm s: median (min-max) | cold / qjax cold "
-    "| warm / qjax warm |"
+    "| way | cold s | warm s: median (min-max) | cold / qjax f32 cold "
+    "| warm / qjax f32 warm |"
   )
   print("|---|---|---|---|---|")
   for name, r in rows.items():
@@ -270,10 +281,10 @@ def main():
     return
   print("\nGPTQ int4 per channel")
   print(
-    "| layer | qjax s | slow ref s | ratio | qwix s | ratio | "
-    "loss qjax / its RTN | loss qwix / its RTN |"
+    "| layer | qjax s (float64) | qjax s (float32) | slow ref s | ratio | "
+    "qwix s | ratio | loss qjax / its RTN | loss qwix / its RTN |"
   )
-  print("|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|")
   for n_in, n_out in () if args.skip_gptq else SHAPES:
     w, h = _layer(n_in, n_out)
     big = n_in * n_out > 4_000_000
@@ -286,7 +297,8 @@ def main():
       qwix = f"{r['qwix_s']:.1f} | {r['qwix_s'] / r['qjax_s']:.0f}x"
       qwix_loss = f"{r['qwix_loss'] / r['qwix_rtn_loss']:.3f}"
     print(
-      f"| {n_in}x{n_out} | {r['qjax_s']:.3f} | {slow} | {qwix} | "
+      f"| {n_in}x{n_out} | {r['qjax_s']:.3f} | {r['qjax_f32_s']:.3f} | "
+      f"{slow} | {qwix} | "
       f"{r['qjax_loss'] / r['rtn_loss']:.3f} | {qwix_loss} |"
     )
     if "slow_loss" in r:

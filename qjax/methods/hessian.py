@@ -21,6 +21,8 @@ class GPTQ(base.Quantizer):
   act_order: visit rows by descending diag(H).
   clip_ratios: MSE clip search for the grid, as RTN's.
   shrink: grid step multiplier beta (MagR's shrunk grid).
+  precision: 'float64' (reproducible across machines) or 'float32' (the
+    paper's arithmetic, faster); see qjax.quantizers.gptq.gptq.
   """
 
   name: ClassVar[str] = "gptq"
@@ -30,11 +32,13 @@ class GPTQ(base.Quantizer):
   act_order: bool = False
   clip_ratios: tuple[float, ...] = ()
   shrink: float = 1.0
+  precision: str = "float64"
 
   def __post_init__(self):
     base.as_tuple(self, "clip_ratios")
     if self.block_size < 1:
       raise ValueError(f"GPTQ: block_size must be >= 1; got {self.block_size}")
+    base.one_of(self.precision, gptq_lib.PRECISIONS, "precision", "GPTQ")
 
   def check(self, fmt, scaling):
     base.check_input_axis_blocks(scaling, "GPTQ")
@@ -50,6 +54,7 @@ class GPTQ(base.Quantizer):
       act_order=self.act_order,
       clip_ratios=self.clip_ratios,
       shrink=self.shrink,
+      precision=self.precision,
     )
     return base.Result(qt, info)
 
