@@ -20,7 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.formats import exmy, integer, packing, power_of_two, presets
+from qjax.formats import (
+  exmy,
+  integer,
+  packing,
+  power_of_two,
+  presets,
+  tiny_scales,
+)
 from qjax.formats.scaling import Scaling
 
 Format = exmy.ExMy | integer.IntFormat | integer.Codebook
@@ -183,10 +190,14 @@ def _dequantize_auto(qt: QTensor) -> jax.Array:
     # subnormal (XLA:CPU flushes those in a multiplication).
     e = qt.scale.astype(jnp.int32) - 127
     return power_of_two.ldexp(values, expand_blocks(e, qt.shape, block_shape))
-  scale = decode_scale(qt.scale, qt.scaling)
+  # Subnormal scales and products are rounded, not flushed (tiny_scales).
+  scale = expand_blocks(
+    decode_scale(qt.scale, qt.scaling), qt.shape, block_shape
+  )
   if qt.tensor_scale is not None:
-    scale = scale * qt.tensor_scale
-  return values * expand_blocks(scale, qt.shape, block_shape)
+    return tiny_scales.times_two_level(values, scale, qt.tensor_scale)
+  bits = tiny_scales.value_bits(qt.fmt, qt.zero is not None)
+  return tiny_scales.times_scale(values, scale, bits)
 
 
 def from_parts(parts, fmt, scaling: Scaling, like) -> "QTensor":

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.formats import exmy
+from qjax.formats import exmy, power_of_two, tiny_scales
 
 # Grids wider than this keep the float32 estimate (their tables get large).
 _MAX_TABLE_BITS = 16
@@ -50,6 +50,19 @@ def float64_allowed():
     switch = jax.enable_x64(True)
   with switch:
     yield
+
+
+def widen(x) -> jax.Array:
+  """float32 -> float64 exactly, subnormals included (XLA:CPU's convert
+  reads them as 0): a tiny x is moved up by 2^64 in float32 bits, widened,
+  and moved back down in float64, where it is normal. Call it inside
+  float64_allowed()."""
+  x = jnp.asarray(x, jnp.float32)
+  tiny = tiny_scales.tiny(x)
+  up = power_of_two.ldexp(x, jnp.where(tiny, tiny_scales.SHIFT, 0))
+  up = up.astype(jnp.float64)
+  # 2^-64 is exact in the float32 that a Python scalar enters as.
+  return jnp.where(tiny, up * 2.0**-tiny_scales.SHIFT, up)
 
 
 @functools.lru_cache(maxsize=64)

@@ -17,11 +17,16 @@ _MANTISSA = jnp.uint32(0x7FFFFF)
 _IMPLICIT = 0x800000
 
 
-def ldexp(x: jax.Array, n: jax.Array) -> jax.Array:
+def ldexp(x: jax.Array, n: jax.Array, side=None) -> jax.Array:
   """x * 2^n, elementwise (x float32, n integer; broadcast together).
 
   Equals numpy.ldexp on float32 for every x and every n in [-300, 300]
   (tests/formats/power_of_two_test.py checks all exponents).
+
+  side: optional int (broadcast), for an x that is a value v rounded to
+  float32: the sign of v - x. A subnormal result that lands exactly halfway
+  between two subnormals then rounds towards v instead of to even, so the
+  result is v rounded once, not twice (|v - x| is below half an ulp of x).
   """
   x = jnp.asarray(x, jnp.float32)
   n = jnp.clip(jnp.asarray(n, jnp.int32), -300, 300)
@@ -46,9 +51,32 @@ def ldexp(x: jax.Array, n: jax.Array) -> jax.Array:
   kept = usig >> shift
   rest = usig & ((jnp.uint32(1) << shift) - 1)
   half = jnp.uint32(1) << (shift - 1)
-  up = (rest > half) | ((rest == half) & ((kept & 1) == 1))
+  odd = (kept & 1) == 1
+  if side is not None:
+    side = jnp.asarray(side)
+    odd = jnp.where(side > 0, True, jnp.where(side < 0, False, odd))
+  up = (rest > half) | ((rest == half) & odd)
   tiny = sign | (kept + up.astype(jnp.uint32))
   out = jnp.where(exp >= 1, normal, tiny)
   out = jnp.where(exp >= 255, sign | jnp.uint32(0x7F800000), out)
   out = jnp.where(special, bits, out)
   return jax.lax.bitcast_convert_type(out, jnp.float32)
+
+
+def magnitude_bits(x: jax.Array) -> jax.Array:
+  """The bits of |x| as uint32: they order like the values for every
+  non-negative float32, subnormals included (XLA:CPU's float compare reads
+  a subnormal as 0)."""
+  bits = jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.uint32)
+  return bits & jnp.uint32(0x7FFFFFFF)
+
+
+def below(x: jax.Array, exponent: int) -> jax.Array:
+  """|x| < 2^exponent on the bits; False for NaN. exponent: a normal
+  float32 exponent (-126..127)."""
+  return magnitude_bits(x) < jnp.uint32((exponent + 127) << 23)
+
+
+def is_zero(x: jax.Array) -> jax.Array:
+  """x == +-0 on the bits (a subnormal is not zero here)."""
+  return magnitude_bits(x) == 0

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from qjax import qtensor
-from qjax.formats import exmy, nearest64, packing
+from qjax.formats import exmy, nearest64, packing, power_of_two, tiny_scales
 from qjax.formats.scaling import Scaling
 from qjax.quantizers import rtn
 
@@ -82,14 +82,27 @@ def _gptq(
   two_level = grid.block_full is not None
   block_full = grid.block_full if two_level else jnp.ones_like(scale)
 
+  # Subnormal scales (tiny layers): the float32 estimate divides at 2^shift
+  # times x and the scale; float64 reads them exactly (nearest64.widen).
+  shift = grid.shift_full
+  if shift is None:
+    shift = jnp.zeros(scale.shape, jnp.int32)
+  if wide:
+    unit = nearest64.widen(scale)
+    if two_level:
+      unit = nearest64.widen(block_full) * nearest64.widen(grid.tensor_scale)
+  else:
+    unit = scale
+
   perm = (
     jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(n_in)
   )
   wp, sp, zp, bp = w[perm], scale[perm], zero[perm], block_full[perm]
+  kp, up = shift[perm], unit[perm]
   hp = h[perm][:, perm].astype(ft)
   hp = hp + damp * jnp.mean(jnp.diag(hp)) * jnp.eye(n_in, dtype=ft)
   u = _upper_cholesky_of_inverse(hp)
-  wp = wp.astype(ft)
+  wp = nearest64.widen(wp) if wide else wp
 
   pad = -n_in % block_size  # static shapes: pad rows, identity in U
   n_p = n_in + pad
@@ -97,6 +110,9 @@ def _gptq(
   sp = jnp.pad(sp, ((0, pad), (0, 0)), constant_values=1.0)
   zp = jnp.pad(zp, ((0, pad), (0, 0)))
   bp = jnp.pad(bp, ((0, pad), (0, 0)), constant_values=1.0)
+  kp = jnp.pad(kp, ((0, pad), (0, 0)))
+  up = jnp.pad(up, ((0, pad), (0, 0)), constant_values=1.0)
+  shifted = jnp.any(kp != 0)
   u = jnp.pad(u, ((0, pad), (0, pad)))
   u = u + jnp.diag(jnp.concatenate([jnp.zeros(n_in, ft), jnp.ones(pad, ft)]))
 
@@ -104,21 +120,42 @@ def _gptq(
   rows = jnp.arange(n_p)
 
   settle = wide and nearest64.refines(fmt)
+  value_bits = tiny_scales.value_bits(fmt, grid.zero_full is not None)
 
-  def quantize_row(x, s, z, b):
-    codes = rtn.encode_scaled(
-      x.astype(jnp.float32),
-      fmt,
-      s,
-      None if two_level else z,
-      (b, grid.tensor_scale) if two_level else None,
+  def estimate(x, s, z, b, k):
+    """The float32 rule's codes for x (x * 2^k and s * 2^k where k > 0)."""
+
+    def up(x, s, t):
+      if wide:  # float64 holds tiny x exactly: scale it there
+        x = jnp.where(k != 0, x * 2.0**tiny_scales.SHIFT, x)
+        x = x.astype(jnp.float32)
+      else:
+        x = power_of_two.ldexp(x, k)
+      return x, power_of_two.ldexp(s, k), power_of_two.ldexp(t, k)
+
+    def keep(x, s, t):
+      return x.astype(jnp.float32), s, t
+
+    t = jnp.broadcast_to(grid.tensor_scale if two_level else 1.0, s.shape)
+    x, s, t = jax.lax.cond(shifted, up, keep, x, s, t)
+    return rtn.encode_scaled(
+      x, fmt, s, None if two_level else z, (b, t) if two_level else None
     )
+
+  def quantize_row(x, s, z, b, k, unit):
+    codes = estimate(x, s, z, b, k)
     if settle:  # decided on the float64 value itself (nearest64)
-      unit = b.astype(ft) * grid.tensor_scale.astype(ft) if two_level else s
       codes = nearest64.nearest_code(
         x, codes, fmt, unit, None if two_level else z
       )
-    return codes, (fmt.decode(codes) - z) * s
+    # The error is taken against the value dequantize gives (float32,
+    # subnormal products rounded, not flushed).
+    value = fmt.decode(codes) - z
+    if two_level:
+      q = tiny_scales.times_two_level(value, b, grid.tensor_scale)
+    else:
+      q = tiny_scales.times_scale(value, s, value_bits)
+    return codes, nearest64.widen(q) if wide else q
 
   def block(b, carry: _Carry) -> _Carry:
     i1 = b * block_size
@@ -128,12 +165,14 @@ def _gptq(
     s1 = jax.lax.dynamic_slice_in_dim(sp, i1, block_size, 0)
     z1 = jax.lax.dynamic_slice_in_dim(zp, i1, block_size, 0)
     b1 = jax.lax.dynamic_slice_in_dim(bp, i1, block_size, 0)
+    k1 = jax.lax.dynamic_slice_in_dim(kp, i1, block_size, 0)
+    n1 = jax.lax.dynamic_slice_in_dim(up, i1, block_size, 0)
 
     def row(j, state):
       w1, c1, q1, e1, loss = state
-      codes, q = quantize_row(w1[j], s1[j], z1[j], b1[j])
+      codes, q = quantize_row(w1[j], s1[j], z1[j], b1[j], k1[j], n1[j])
       d = u1[j, j]
-      err = (w1[j] - q.astype(ft)) / d
+      err = (w1[j] - q) / d
       # U1 is upper triangular: this only moves rows >= j of the block.
       w1 = w1 - u1[j][:, None] * err[None, :]
       loss = loss + jnp.sum(err**2) / 2  # (w - q)^2 / (2 U_ii^2)
@@ -144,13 +183,7 @@ def _gptq(
       0,
       block_size,
       row,
-      (
-        w1,
-        zeros.astype(code_dtype),
-        zeros.astype(jnp.float32),
-        zeros,
-        carry.loss,
-      ),
+      (w1, zeros.astype(code_dtype), zeros, zeros, carry.loss),
     )
     # Lazy batch update of every later row: W[i2:] -= U[i1:i2, i2:]^T E.
     later = (rows >= i1 + block_size)[:, None]
@@ -163,14 +196,14 @@ def _gptq(
   init = _Carry(
     wp,
     jnp.zeros((n_p, n_out), code_dtype),
-    jnp.zeros((n_p, n_out), jnp.float32),
+    jnp.zeros((n_p, n_out), ft),
     jnp.zeros((), ft),
   )
   out = jax.lax.fori_loop(0, n_p // block_size, block, init)
   inverse = jnp.argsort(perm)
   codes = out.codes[:n_in][inverse]
   q = out.q[:n_in][inverse]
-  diff = (w - q).astype(ft)
+  diff = (nearest64.widen(w) if wide else w) - q
   layer_loss = jnp.sum(diff * jnp.matmul(h.astype(ft), diff, precision=_HI))
   packed = packing.pack(codes, fmt.bits)
   return (

@@ -30,6 +30,7 @@ from qjax.formats import (
   packing,
   power_of_two,
   presets,
+  tiny_scales,
 )
 from qjax.formats.scaling import Scaling
 
@@ -117,10 +118,15 @@ def _scales(stat, fmt, scaling: Scaling, tensor_scale):
 
 
 def encode_scaled(
-  x, fmt, scale, zero=None, two_level=None, rounding=None, key=None
+  x, fmt, scale, zero=None, two_level=None, rounding=None, key=None, shift=None
 ) -> jax.Array:
   """Codes of x on a fixed grid: fmt.encode(x / scale + zero, rounding, key)
   (rounding None: the format's own).
+
+  With `shift` (Grid.shift_full: per-element powers of two, nonzero where
+  the scale is subnormal), x and the scale (or the tensor scale) are both
+  multiplied by 2^shift first, exactly, so the ratio is the same and
+  XLA:CPU's flushing of subnormals does not zero it.
 
   With `two_level` = (block, tensor_scale) (NVFP4: E4M3 blocks, no zero
   point, an ExMy element of up to 6 mantissa bits) and nearest-even
@@ -128,6 +134,8 @@ def encode_scaled(
   after float32 rounded the product and the quotient. GPTQ, GPFQ and RTN
   quantize each value through this. All arrays broadcast to x.
   """
+  if shift is not None:
+    x, scale, two_level = _shift_up(x, scale, two_level, shift)
   if (
     two_level is not None
     and zero is None
@@ -143,12 +151,49 @@ def encode_scaled(
   return fmt.encode(y, rounding=rounding, key=key)
 
 
+def _shift_up(x, scale, two_level, shift):
+  """(x, scale, two_level) times 2^shift, skipped when no shift is set."""
+
+  def up(x, scale, tensor_scale):
+    return (
+      power_of_two.ldexp(x, shift),
+      power_of_two.ldexp(scale, shift),
+      None if tensor_scale is None else power_of_two.ldexp(tensor_scale, shift),
+    )
+
+  def keep(x, scale, tensor_scale):
+    return x, scale, tensor_scale
+
+  shape = jnp.broadcast_shapes(jnp.shape(x), jnp.shape(scale), shift.shape)
+  x = jnp.broadcast_to(jnp.asarray(x, jnp.float32), shape)
+  scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), shape)
+  tensor_scale = None
+  if two_level is not None:
+    tensor_scale = jnp.broadcast_to(
+      jnp.asarray(two_level[1], jnp.float32), shape
+    )
+  x, scale, tensor_scale = jax.lax.cond(
+    jnp.any(shift != 0), up, keep, x, scale, tensor_scale
+  )
+  if two_level is not None:
+    two_level = (two_level[0], tensor_scale)
+  return x, scale, two_level
+
+
 def _encode_with(
-  x, fmt, scale_full, zero_full, rounding, key, exponent=None, two_level=None
+  x,
+  fmt,
+  scale_full,
+  zero_full,
+  rounding,
+  key,
+  exponent=None,
+  two_level=None,
+  shift=None,
 ):
   if exponent is None:
     return encode_scaled(
-      x, fmt, scale_full, zero_full, two_level, rounding, key
+      x, fmt, scale_full, zero_full, two_level, rounding, key, shift
     )
   # A power-of-two scale: x / 2^e by moving exponent bits, exact also where
   # 2^e or the result is subnormal (XLA:CPU flushes those).
@@ -177,6 +222,10 @@ class Grid(NamedTuple):
   # With a tensor scale s_t (NVFP4): the decoded block scale per element,
   # so that x / (block * s_t) rounds once (exact_ratio); else None.
   block_full: jax.Array | None = None
+  # Float32 and two-level scales: per element, the power of two (0 or
+  # tiny_scales.SHIFT) by which x and the scale are multiplied before they
+  # are divided (nonzero where the scale is subnormal); else None.
+  shift_full: jax.Array | None = None
 
   @property
   def two_level(self):
@@ -200,7 +249,80 @@ def block_scales(
   as the MagR authors' quantizer does; symmetric grids clip both ends.
   `tensor_scale` (NVFP4's second level): given, it is used as it is instead
   of being measured from x (GPFQ's blocks measure it once, from W).
+
+  Float32 scales of blocks whose largest magnitude is below 2^-62 (and a
+  tensor scale of a tensor that small) are found at 2^64 times the block
+  (tiny_scales), then moved back: the stored scale is that block's float32
+  scale rounded once more onto the subnormal grid, and Grid.shift_full
+  tells encode_scaled to divide at the same 2^64, so the codes are x / the
+  stored scale rounded once.
   """
+  shift = _tiny_shift(x, scaling, tensor_scale)
+  if shift is None:
+    return _block_scales(x, fmt, scaling, clip_ratios, shrink, tensor_scale)
+  block, full = shift
+  shifted = jnp.any(full != 0)
+  up = jax.lax.cond(
+    shifted, lambda: power_of_two.ldexp(x, full), lambda: jnp.asarray(x)
+  )
+  tensor_up = tensor_scale
+  if tensor_scale is not None:
+    tensor_up = power_of_two.ldexp(tensor_scale, block)
+  grid = _block_scales(up, fmt, scaling, clip_ratios, shrink, tensor_up)
+  stored, tensor = grid.stored, tensor_scale
+  if scaling.tensor_scale:
+    if tensor is None:  # measured here: moved back down
+      tensor = power_of_two.ldexp(grid.tensor_scale, -block)
+  else:
+    stored = power_of_two.ldexp(stored, -block)
+  if scaling.tensor_scale:
+    scale_full = jax.lax.cond(
+      shifted,
+      lambda: power_of_two.ldexp(grid.scale_full, -full),
+      lambda: grid.scale_full,
+    )
+  else:  # the stored scale itself, expanded
+    scale_full = qtensor.expand_blocks(
+      stored, x.shape, scaling.block_shape(x.shape)
+    )
+  return grid._replace(
+    stored=stored, tensor_scale=tensor, scale_full=scale_full, shift_full=full
+  )
+
+
+def _tiny_shift(x, scaling: Scaling, tensor_scale):
+  """(block or tensor shift, per-element shift) for float32 scales and
+  tensor scales (tiny_scales.block_shift), or None where scales cannot be
+  subnormal (E8M0 is exact already; an E4M3 block scale is >= 2^-9)."""
+  shape = x.shape
+  if scaling.tensor_scale:
+    if tensor_scale is not None:
+      shift = tiny_scales.block_shift(tensor_scale)
+    else:
+      amax = power_of_two.magnitude_bits(x).max()
+      shift = tiny_scales.block_shift(
+        jax.lax.bitcast_convert_type(amax, jnp.float32)
+      )
+    return shift, jnp.broadcast_to(shift, shape)
+  if scaling.scale_format != "float32":
+    return None
+  block_shape = scaling.block_shape(shape)
+  amax = block_reduce(power_of_two.magnitude_bits(x), block_shape, jnp.max)
+  shift = tiny_scales.block_shift(
+    jax.lax.bitcast_convert_type(amax, jnp.float32)
+  )
+  return shift, qtensor.expand_blocks(shift, shape, block_shape)
+
+
+def _block_scales(
+  x,
+  fmt,
+  scaling: Scaling,
+  clip_ratios=(),
+  shrink: float = 1.0,
+  tensor_scale=None,
+) -> Grid:
+  """block_scales for blocks in the normal range."""
   shape = x.shape
   block_shape = scaling.block_shape(shape)
   expand = functools.partial(
@@ -289,12 +411,16 @@ def block_scales(
 
 
 def dequantize_with(codes, fmt, grid: Grid) -> jax.Array:
-  """(decode(codes) - zero_full) * scale_full, elementwise."""
+  """(decode(codes) - zero_full) * scale_full, elementwise (subnormal
+  scales and products rounded, not flushed)."""
   values = fmt.decode(codes)
   if grid.zero_full is not None:
     values = values - grid.zero_full
   if grid.exponent_full is not None:
     return power_of_two.ldexp(values, grid.exponent_full)
+  if grid.shift_full is not None:
+    bits = tiny_scales.value_bits(fmt, grid.zero_full is not None)
+    return tiny_scales.times_scale(values, grid.scale_full, bits)
   return values * grid.scale_full
 
 
@@ -311,6 +437,7 @@ def _rtn(x, fmt, scaling: Scaling, clip_ratios, rounding, key, shrink):
     rkey,
     grid.exponent_full,
     grid.two_level,
+    grid.shift_full,
   )
   packed = packing.pack(codes, fmt.bits)
   return packed, grid.stored, grid.zero, grid.tensor_scale

@@ -39,6 +39,33 @@ class LdexpTest(absltest.TestCase):
     self.assertTrue(np.isnan(got[0]).all())
     np.testing.assert_array_equal(got[1], [0.125, 4.0])
 
+  def test_side_breaks_subnormal_ties_towards_the_exact_value(self):
+    # 3 * 2^-150 lies halfway between 2^-149 and 2^-148: to even gives
+    # 2^-148; a value just above or below it must go up or down.
+    x = np.float32(3.0 * 2.0**-86)
+    tiny = np.finfo(np.float32).smallest_subnormal
+    got = [float(power_of_two.ldexp(x, -64, side)) for side in (-1, 0, 1)]
+    self.assertEqual(got, [tiny, 2 * tiny, 2 * tiny])
+    x = np.float32(5.0 * 2.0**-86)  # halfway between 2 and 3 ulps: even 2
+    got = [float(power_of_two.ldexp(x, -64, side)) for side in (-1, 0, 1)]
+    self.assertEqual(got, [2 * tiny, 2 * tiny, 3 * tiny])
+    # Not a tie: side changes nothing; normal results are exact anyway.
+    for v in (np.float32(2.9 * 2.0**-86), np.float32(1.5)):
+      np.testing.assert_array_equal(
+        power_of_two.ldexp(v, -64, 1), power_of_two.ldexp(v, -64)
+      )
+
+  def test_below_and_is_zero_read_subnormals_by_value(self):
+    tiny = np.finfo(np.float32).smallest_subnormal
+    x = np.array([0.0, -0.0, tiny, -(2**-127), 2**-63, 2**-62, np.nan])
+    x = x.astype(np.float32)
+    np.testing.assert_array_equal(
+      power_of_two.below(x, -62), [1, 1, 1, 1, 1, 0, 0]
+    )
+    np.testing.assert_array_equal(
+      power_of_two.is_zero(x), [1, 1, 0, 0, 0, 0, 0]
+    )
+
 
 if __name__ == "__main__":
   absltest.main()
