@@ -250,10 +250,10 @@ def block_scales(
   `tensor_scale` (NVFP4's second level): given, it is used as it is instead
   of being measured from x (GPFQ's blocks measure it once, from W).
 
-  Float32 scales of blocks whose largest magnitude is below 2^-62 (and a
-  tensor scale of a tensor that small) are found at 2^64 times the block
-  (tiny_scales), then moved back: the stored scale is that block's float32
-  scale rounded once more onto the subnormal grid, and Grid.shift_full
+  Float32 and bfloat16 scales of blocks whose largest magnitude is below
+  2^-62 (and a tensor scale of a tensor that small) are found at 2^64 times
+  the block (tiny_scales), then moved back: the stored scale is that
+  block's scale rounded once more onto the subnormal grid, and Grid.shift_full
   tells encode_scaled to divide at the same 2^64, so the codes are x / the
   stored scale rounded once.
   """
@@ -273,8 +273,9 @@ def block_scales(
   if scaling.tensor_scale:
     if tensor is None:  # measured here: moved back down
       tensor = power_of_two.ldexp(grid.tensor_scale, -block)
-  else:
-    stored = power_of_two.ldexp(stored, -block)
+  else:  # float32 or bfloat16 (which holds every float32 exponent)
+    down = power_of_two.ldexp(stored.astype(jnp.float32), -block)
+    stored = down.astype(stored.dtype)
   if scaling.tensor_scale:
     scale_full = jax.lax.cond(
       shifted,
@@ -291,9 +292,10 @@ def block_scales(
 
 
 def _tiny_shift(x, scaling: Scaling, tensor_scale):
-  """(block or tensor shift, per-element shift) for float32 scales and
-  tensor scales (tiny_scales.block_shift), or None where scales cannot be
-  subnormal (E8M0 is exact already; an E4M3 block scale is >= 2^-9)."""
+  """(block or tensor shift, per-element shift) for float32 and bfloat16
+  scales and tensor scales (tiny_scales.block_shift), or None where scales
+  cannot be float32 subnormals (E8M0 is exact already; an E4M3 block scale
+  is >= 2^-9; float16 cannot go below 2^-24)."""
   shape = x.shape
   if scaling.tensor_scale:
     if tensor_scale is not None:
@@ -304,8 +306,8 @@ def _tiny_shift(x, scaling: Scaling, tensor_scale):
         jax.lax.bitcast_convert_type(amax, jnp.float32)
       )
     return shift, jnp.broadcast_to(shift, shape)
-  if scaling.scale_format != "float32":
-    return None
+  if scaling.scale_format not in ("float32", "bfloat16"):
+    return None  # float16 scales underflow long before 2^-126
   block_shape = scaling.block_shape(shape)
   amax = block_reduce(power_of_two.magnitude_bits(x), block_shape, jnp.max)
   shift = tiny_scales.block_shift(

@@ -38,6 +38,11 @@ GRIDS = {
     formats.per_block(32, zero_point=True),
     None,
   ),
+  "int8 g32 bfloat16 scale": (
+    "int8",
+    formats.per_block(32, scale_format="bfloat16"),
+    None,
+  ),
   "e4m3 g32 float32 scale": (
     "float8_e4m3fn",
     formats.per_block(32),
@@ -60,14 +65,17 @@ class FloatScaleSubnormalTest(parameterized.TestCase):
     shifted = np.asarray(up.scale)
     # Stored scale: the shifted block's, moved down (NumPy float32 ldexp
     # rounds subnormals correctly); untouched columns are the same.
-    want_scale = np.where(
-      tiny[None, :], np.ldexp(shifted, -64).astype(np.float32), shifted
-    )
+    down = np.ldexp(shifted.astype(np.float32), -64).astype(shifted.dtype)
+    want_scale = np.where(tiny[None, :], down, shifted)
     np.testing.assert_array_equal(stored, want_scale)
     # Codes: x / stored scale rounded once (float64 holds both exactly).
     block = scaling.block_shape(x.shape)
-    s_full = np.repeat(stored, block[0], 0)[: x.shape[0]].astype(np.float64)
-    y = x.astype(np.float64) / s_full
+    s_full = np.repeat(stored.astype(np.float32), block[0], 0)[: x.shape[0]]
+    s_full = s_full.astype(np.float64)
+    # A scale that underflows to 0 (bfloat16 ends at 2^-133) codes 0.
+    y = np.where(
+      s_full > 0, x.astype(np.float64) / np.maximum(s_full, 1e-300), 0
+    )
     if qt.zero is not None:
       zero = np.repeat(np.asarray(qt.zero), block[0], 0)[: x.shape[0]]
       y = y + zero
@@ -86,8 +94,11 @@ class FloatScaleSubnormalTest(parameterized.TestCase):
     np.testing.assert_array_equal(
       np.asarray(qt.dequantize()), values * s_full.astype(np.float32)
     )
-    # The old behaviour (flush) gave all zeros in the tiny columns.
-    self.assertTrue(np.all(np.asarray(qt.dequantize())[:, tiny].any(0)))
+    # The old behaviour (flush) gave all zeros in the tiny columns; those
+    # whose scale the scale format holds must now have nonzero values.
+    live = tiny & np.all(stored.astype(np.float32) != 0, axis=0)
+    self.assertGreaterEqual(live.sum(), 2)
+    self.assertTrue(np.all(np.asarray(qt.dequantize())[:, live].any(0)))
 
   def test_nvfp4_with_a_subnormal_tensor_scale(self):
     element, scaling = formats.block_format("nvfp4")
