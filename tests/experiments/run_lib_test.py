@@ -196,10 +196,16 @@ class BadInputTest(absltest.TestCase):
       package_files.package_dir("weights_x_not_here", "weights-x==1.0")
 
   def test_flat_fields_reach_the_recipe(self):
-    rule = run_lib.recipe_from_config(
-      smollm2_config.get_config("method=gptq,bits=3,act_order=true")
+    # SmolLM2 defaults to act-order (configs/common.py); the flag turns it
+    # off.
+    default = run_lib.recipe_from_config(
+      smollm2_config.get_config("method=gptq")
     ).rules[0]
-    self.assertEqual(rule.method, qjax.chain(qjax.GPTQ(act_order=True)))
+    self.assertEqual(default.method, qjax.chain(qjax.GPTQ(act_order=True)))
+    rule = run_lib.recipe_from_config(
+      smollm2_config.get_config("method=gptq,bits=3,act_order=false")
+    ).rules[0]
+    self.assertEqual(rule.method, qjax.chain(qjax.GPTQ(act_order=False)))
     self.assertEqual(str(rule.fmt), "uint3")  # SmolLM2's default zero point
     self.assertEqual(rule.scaling.axes, (-2,))
     rule = run_lib.recipe_from_config(
