@@ -11,8 +11,9 @@
     --config.method=gptq --config.gptq.act_order=False
 
 Fields as configs/common.py, plus eval.windows / eval.window (evaluation
-windows from the start of the text) and calib.windows (calibration windows
-from its end, disjoint from evaluation).
+windows from the start of the text), calib.windows (calibration windows
+from its end, disjoint from evaluation) and calib.precision ('float64':
+calibration forward passes in float64).
 """
 
 from configs import common
@@ -28,5 +29,8 @@ def get_config(arg=None):
   c.zero_point = True
   c.eval = {"windows": 8, "window": 512}
   # calib.subset k > 0: the k-th run of 16 windows before the last one.
-  c.calib = {"windows": 16, "window": 512, "subset": 0}
+  # calib.precision: the calibration forward passes and H in float64, so
+  # that GPTQ's codes (and the main job's perplexity) do not depend on the
+  # machine's cores or instruction set (README); ED and GPFQ use float32.
+  c.calib = {"windows": 16, "window": 512, "subset": 0, "precision": "float64"}
   return common.apply_arg(c, arg)

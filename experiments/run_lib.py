@@ -269,9 +269,14 @@ def run(config, workdir) -> dict:
         )
       )
     calib = (task.block_model(params), task.calibration_batches(config))
-    # ED/GPFQ rules take the two-stream driver, the others GPTQ's
-    # sequential mode (qjax.quantize dispatches).
-    qparams = qjax.quantize(params, recipe, calib=calib, progress=True)
+    # ED/GPFQ rules take the two-stream driver (float32 only), the others
+    # GPTQ's sequential mode (qjax.quantize dispatches).
+    precision = config.get("calib", {}).get("precision", "float32")
+    if recipe.needs_two_streams:
+      precision = "float32"
+    qparams = qjax.quantize(
+      params, recipe, calib=calib, progress=True, calib_precision=precision
+    )
   else:
     qparams = qjax.quantize(params, recipe, progress=True)
   seconds = time.perf_counter() - start

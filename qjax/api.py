@@ -43,6 +43,7 @@ def quantize(
   progress: bool = False,
   report_unused: bool = True,
   allow_unquantized: bool = False,
+  calib_precision: str = "float32",
 ):
   """Quantizes every leaf a rule of `recipe` decides; others pass through.
 
@@ -66,6 +67,10 @@ def quantize(
     grams: {path: Gram [in, in] of the last calibration sample}, for
       MagR(statistics='last_sample').
     progress: show a progress bar.
+    calib_precision: 'float32', or 'float64' to run the calibration
+      forward passes and H in float64 so that the statistics (and GPTQ's
+      codes) do not depend on the machine's instruction set
+      (calibration.quantize_sequential; Hessian methods only).
     report_unused: warn about rules that matched nothing.
     allow_unquantized: return the tree unchanged when no leaf matches a
       quantizing rule (otherwise that is an error).
@@ -97,12 +102,24 @@ def quantize(
     state, params = _pure(params)
     walk, batches = _walk(calib, params)
     if recipe.needs_two_streams:
+      if calib_precision != "float32":
+        raise ValueError(
+          f"calib_precision={calib_precision!r}: two-stream methods (ED, "
+          "GPFQ) calibrate in float32 only"
+        )
       out = calibration.quantize_two_stream(
         params, recipe, walk, batches, progress=progress, used=used
       )
     else:
       out = calibration.quantize_sequential(
-        params, recipe, walk, batches, key=key, progress=progress, used=used
+        params,
+        recipe,
+        walk,
+        batches,
+        key=key,
+        progress=progress,
+        used=used,
+        precision=calib_precision,
       )
     out = _as_state(state, out)
   else:

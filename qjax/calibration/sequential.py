@@ -4,15 +4,18 @@ inputs produced by the already-quantized earlier blocks, and memory holds
 one block's activations for the calibration set.
 """
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from qjax import dispatch, qtensor
 from qjax.calibration import trees
+from qjax.formats import nearest64
 from qjax.methods.base import Stats
 from qjax.recipe import Recipe
 
@@ -40,6 +43,20 @@ def _stats_for(name, hessians, grams):
   return stats
 
 
+PRECISIONS = ("float32", "float64")
+
+
+def _widen(tree):
+  """Every float32 (or narrower float) array leaf as float64, exactly."""
+
+  def widen(x):
+    if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating):
+      return nearest64.widen(x)
+    return x
+
+  return jax.tree.map(widen, tree)
+
+
 def quantize_sequential(
   params,
   recipe: Recipe,
@@ -51,6 +68,7 @@ def quantize_sequential(
   progress: bool = True,
   emit: Callable[[str, Any, Any], None] | None = None,
   used: set | None = None,
+  precision: str = "float32",
 ):
   """qjax.quantize with calibration, block by block (GPTQ's sequential mode).
 
@@ -69,27 +87,50 @@ def quantize_sequential(
   tree) as soon as it is ready and not kept; the function then returns {}.
   `used` collects the indices of the rules that matched.
 
+  precision='float64' runs the blocks (the float one for the statistics,
+  the quantized one for the next block's inputs) and accumulates H in
+  float64, and hands the methods float64 H (GPTQ keeps it; others round it
+  to float32). float32 activations differ between machines: XLA's code
+  for one instruction set (SSE4.2, like ARM's 128-bit vectors) sums in
+  another order than for AVX2/AVX-512, so H and the codes did too; in
+  float64 they agree to ~1e-14 (tests/calibration/
+  float64_calibration_test.py). About 2x the time of the forward passes.
+  The model must compute in its inputs' dtype (a module that casts to
+  float32 runs that part in float32).
+
   Raises:
-    ValueError: no batches, or fewer than `last_tokens` tokens when the
-      last sample is needed.
+    ValueError: no batches, fewer than `last_tokens` tokens when the last
+      sample is needed, or an unknown precision.
   """
   if not batches:
     raise ValueError("quantize_sequential needs at least one calibration batch")
+  if precision not in PRECISIONS:
+    raise ValueError(
+      f"calibration precision={precision!r} is not one of "
+      f"{', '.join(PRECISIONS)}"
+    )
+  wide = precision == "float64"
+  context = nearest64.float64_allowed if wide else contextlib.nullcontext
+  widen = _widen if wide else (lambda tree: tree)
   used = set() if used is None else used
   walk = model
-  calls = walk.first_calls(params, batches)
+  with context():
+    calls = widen(walk.first_calls(params, batches))
   done, stream = {}, params  # stream: the tree as the quantized model has it
   outputs = None
   for index, name in enumerate(
     tqdm(walk.names, desc="calibrate+quantize", disable=not progress)
   ):
-    if index:
-      calls = walk.next_calls(index, outputs, stream, batches)
     block = trees.get(params, name)
-    hessians = walk.hessians(name, block, calls)
-    grams = {}
-    if recipe.needs_last_sample:
-      grams = walk.hessians(name, block, _last_calls(calls, last_tokens))
+    with context():
+      if index:
+        calls = widen(walk.next_calls(index, outputs, stream, batches))
+      hessians = walk.hessians(name, widen(block), calls)
+      grams = {}
+      if recipe.needs_last_sample:
+        grams = walk.hessians(
+          name, widen(block), _last_calls(calls, last_tokens)
+        )
     qblock, block_used = dispatch.quantize_tree(
       trees.nest(name, block),
       recipe,
@@ -100,7 +141,8 @@ def quantize_sequential(
     qblock = trees.get(qblock, name)
     deq = qtensor.dequantize_tree(qblock)
     # The next block sees what the quantized block produces.
-    outputs = [walk.run(name, deq, c) for c in calls]
+    with context():
+      outputs = [walk.run(name, widen(deq), c) for c in calls]
     if getattr(walk, "needs_tree", False):
       stream = trees.replace(stream, name, deq)
     if emit is None:

@@ -48,7 +48,8 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
-    x32 = x.astype(jnp.float32)
+    # At least float32; float64 stays (float64 calibration).
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     return (
       x32
       * jax.lax.rsqrt(jnp.mean(x32**2, -1, keepdims=True) + self.eps)
@@ -62,8 +63,9 @@ def rope_interleaved(x, positions, base):
   x: [batch, tokens, heads, d]; positions: [tokens].
   """
   d = x.shape[-1]
-  freq = base ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
-  angle = positions[:, None].astype(jnp.float32) * freq[None, :]
+  dtype = jnp.promote_types(x.dtype, jnp.float32)  # float64 stays
+  freq = base ** (-jnp.arange(0, d, 2, dtype=dtype) / d)
+  angle = positions[:, None].astype(dtype) * freq[None, :]
   cos, sin = jnp.cos(angle)[None, :, None], jnp.sin(angle)[None, :, None]
   even, odd = x[..., 0::2], x[..., 1::2]
   out = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], -1)

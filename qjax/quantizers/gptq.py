@@ -247,7 +247,8 @@ def gptq(
       BLAS sum in different orders give the same codes (float32 did not:
       one core against two moved SmolLM2's perplexity by 2.5%). 'float32'
       is the paper's arithmetic, about 1.5x faster on CPU. H and the grid
-      are float32 either way.
+      are float32 either way, unless H comes in float64
+      (qjax.quantize(..., calib_precision='float64')).
 
   Returns:
     (QTensor of w's shape, GPTQInfo).
@@ -257,7 +258,9 @@ def gptq(
       Hessian is not positive definite.
   """
   w = exmy.as_float32(w, "w")
-  h = jnp.asarray(h, jnp.float32)
+  # A float64 H (calib_precision='float64') is kept by the float64 solve.
+  wide_h = precision == "float64" and getattr(h, "dtype", None) == jnp.float64
+  h = h if wide_h else jnp.asarray(h, jnp.float32)
   if w.ndim != 2 or h.shape != (w.shape[0], w.shape[0]):
     raise ValueError(
       f"gptq needs w [in, out] and h [in, in]; got {w.shape} and {h.shape}"

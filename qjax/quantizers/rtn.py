@@ -316,14 +316,7 @@ def _tiny_shift(x, scaling: Scaling, tensor_scale):
   return shift, qtensor.expand_blocks(shift, shape, block_shape)
 
 
-def _block_scales(
-  x,
-  fmt,
-  scaling: Scaling,
-  clip_ratios=(),
-  shrink: float = 1.0,
-  tensor_scale=None,
-) -> Grid:
+def _block_scales(x, fmt, scaling, clip_ratios, shrink, tensor_scale) -> Grid:
   """block_scales for blocks in the normal range."""
   shape = x.shape
   block_shape = scaling.block_shape(shape)
