@@ -140,21 +140,23 @@ def _conv_patches(layer, x) -> jax.Array:
 
 
 def input_rows(layer, x, args=(), kwargs=None) -> jax.Array:
-  """The layer's input as the rows of its matrix product, float32:
-  [n, d], or [G, n, d] for a conv with G > 1 feature groups.
+  """The layer's input as the rows of its matrix product, at least float32
+  (float64 stays, for float64 calibration): [n, d], or [G, n, d] for a
+  conv with G > 1 feature groups.
 
   Raises:
     ValueError: a layer `kind` does not know, or an Einsum whose
       contracted labels do not lead its kernel.
   """
   k = kind(layer)
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
   if k == "dense":
-    return x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    return x.reshape(-1, x.shape[-1]).astype(dtype)
   if k == "dense_general":
     axes = tuple(a % x.ndim for a in _tuple(layer.axis, None))
     moved = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
     d = math.prod(x.shape[a] for a in axes)
-    return moved.reshape(-1, d).astype(jnp.float32)
+    return moved.reshape(-1, d).astype(dtype)
   if k == "einsum":
     contracted = einsum_contracted(layer, args, kwargs)
     if contracted is None:
@@ -166,7 +168,7 @@ def input_rows(layer, x, args=(), kwargs=None) -> jax.Array:
     src = tuple(x_labels.index(c) for c in contracted)
     moved = jnp.moveaxis(x, src, tuple(range(x.ndim - len(src), x.ndim)))
     d = math.prod(x.shape[a] for a in src)
-    return moved.reshape(-1, d).astype(jnp.float32)
+    return moved.reshape(-1, d).astype(dtype)
   if k == "conv":
     ks = _tuple(layer.kernel_size, None)
     pointwise = all(v == 1 for v in ks) and all(
@@ -185,7 +187,7 @@ def input_rows(layer, x, args=(), kwargs=None) -> jax.Array:
         ((0, 0),) * len(ks),
       )
     ):
-      return x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+      return x.reshape(-1, x.shape[-1]).astype(dtype)
     patches = _conv_patches(layer, x)  # [n, K, in]
     n, taps, c = patches.shape
     if g == 1:

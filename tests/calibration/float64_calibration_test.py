@@ -14,9 +14,25 @@ import sys
 import tempfile
 import textwrap
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import absltest
+
+from qjax.calibration import capture
+from qjax.formats import nearest64
+
+
+class _TwoLayers(nn.Module):
+  """A model qjax has never seen: Dense, a nonlinearity, Dense."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(24, name="first")(x)
+    return nn.Dense(8, name="second")(jnp.tanh(h))
+
 
 _WORKER = textwrap.dedent(
   """
@@ -57,6 +73,32 @@ def _codes(isa, folder):
   subprocess.run([sys.executable, "-c", _WORKER, path], check=True, env=env)
   with np.load(path) as f:
     return {k: f[k] for k in f.files}
+
+
+class Float64StatisticsTest(absltest.TestCase):
+  def test_h_is_the_float64_gram_of_float64_inputs(self):
+    # Rounding the layer inputs to float32 before the Gram (as the capture
+    # once did) flips a few of them between machines and undoes float64
+    # calibration; H must be the Gram of the float64 inputs themselves.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 16))
+    model = _TwoLayers()
+    params = model.init(jax.random.key(0), jnp.ones((1, 16)))
+    with nearest64.float64_allowed():
+      wide = jax.tree.map(nearest64.widen, params)
+      x64 = jnp.asarray(x, jnp.float64)
+      h, _ = capture.dense_hessians(model, wide, [(x64,)])
+      first = np.asarray(h["first/kernel"])
+      inner = np.tanh(
+        x @ np.asarray(wide["params"]["first"]["kernel"])
+        + np.asarray(wide["params"]["first"]["bias"])
+      )
+      second = np.asarray(h["second/kernel"])
+    self.assertEqual(first.dtype, np.float64)
+    np.testing.assert_allclose(first, 2 / 64 * x.T @ x, rtol=1e-13)
+    np.testing.assert_allclose(second, 2 / 64 * inner.T @ inner, rtol=1e-12)
+    rounded = x.astype(np.float32).astype(np.float64)
+    self.assertGreater(np.abs(first - 2 / 64 * rounded.T @ rounded).max(), 1e-9)
 
 
 @pytest.mark.e2e
