@@ -9,8 +9,6 @@ such a machine. Each run is a fresh process on SmolLM2's first block.
 
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 import textwrap
 
@@ -23,6 +21,7 @@ from absl.testing import absltest
 
 from qjax.calibration import capture
 from qjax.formats import nearest64
+from tests import worker_runs
 
 
 class _TwoLayers(nn.Module):
@@ -66,13 +65,11 @@ _WORKER = textwrap.dedent(
 
 def _codes(isa, folder):
   path = os.path.join(folder, f"{isa or 'native'}.npz")
-  root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
-  env = {**os.environ, "PYTHONPATH": root}
+  env = {}
   if isa:
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_cpu_max_isa={isa}"
-  subprocess.run([sys.executable, "-c", _WORKER, path], check=True, env=env)
-  with np.load(path) as f:
-    return {k: f[k] for k in f.files}
+    flags = os.environ.get("XLA_FLAGS", "")
+    env["XLA_FLAGS"] = f"{flags} --xla_cpu_max_isa={isa}"
+  return worker_runs.run(_WORKER, path, env=env)
 
 
 class Float64StatisticsTest(absltest.TestCase):
@@ -108,12 +105,7 @@ class Float64CalibrationTest(absltest.TestCase):
       self.skipTest("--xla_cpu_max_isa=SSE4_2 is an x86 flag")
     with tempfile.TemporaryDirectory() as folder:
       native, sse = _codes("", folder), _codes("SSE4_2", folder)
-    np.testing.assert_array_equal(native["float64"], sse["float64"])
-    if np.array_equal(native["float32"], sse["float32"]):
-      self.skipTest(
-        "float32 calibration gave the same codes for SSE4.2 here, so this "
-        "machine cannot tell the two precisions apart"
-      )
+    worker_runs.assert_float64_agrees(self, native, sse, "for SSE4.2")
 
 
 if __name__ == "__main__":
