@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from absl.testing import absltest
 
+import qjax
 from qjax.calibration import capture
 from qjax.formats import nearest64
 from tests import worker_runs
@@ -96,6 +97,21 @@ class Float64StatisticsTest(absltest.TestCase):
     np.testing.assert_allclose(second, 2 / 64 * inner.T @ inner, rtol=1e-12)
     rounded = x.astype(np.float32).astype(np.float64)
     self.assertGreater(np.abs(first - 2 / 64 * rounded.T @ rounded).max(), 1e-9)
+
+  def test_bad_precision_and_two_stream_methods_are_refused(self):
+    model = _TwoLayers()
+    params = model.init(jax.random.key(0), jnp.ones((1, 16)))["params"]
+    batches = [jnp.ones((4, 16))]
+    gptq = qjax.Recipe((qjax.rule("kernel", "int4", method="gptq"),))
+    with self.assertRaisesRegex(ValueError, "precision='float16'"):
+      qjax.quantize(
+        params, gptq, calib=(model, batches), calib_precision="float16"
+      )
+    ed = qjax.Recipe((qjax.rule("kernel", "mxfp4", method="ed"),))
+    with self.assertRaisesRegex(ValueError, "two-stream methods"):
+      qjax.quantize(
+        params, ed, calib=(model, batches), calib_precision="float64"
+      )
 
 
 @pytest.mark.e2e
