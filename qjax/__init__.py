@@ -9,7 +9,7 @@ Terms used throughout:
            runs on a weight; stages compose with `chain`.
 """
 
-from qjax import formats
+from qjax import activations, formats
 from qjax.api import dequantize, plan, quantize, stats
 from qjax.inference import apply
 from qjax.methods import (
@@ -22,6 +22,7 @@ from qjax.methods import (
   Chain,
   CoordinateDescent,
   ErrorDiffusion,
+  Hadamard,
   MagR,
   Method,
   Pipe,
@@ -42,6 +43,7 @@ __all__ = [
   "FTQ",
   "GPFQ",
   "GPTQ",
+  "Hadamard",
   "QAF",
   "RTN",
   "STATISTICS",
@@ -61,6 +63,7 @@ __all__ = [
   "Stats",
   "Transform",
   "__version__",
+  "activations",
   "apply",
   "chain",
   "dequantize",

@@ -8,8 +8,10 @@ Linen:
 
 runs handler(module, next_fun, args, kwargs) in place of every `__call__` of
 a module for which select(module) holds; the handler calls
-next_fun(*args, **kwargs) to run the layer as written. Nested `calls`
-blocks compose: the one entered first sees a call first.
+next_fun(*args, **kwargs) to run the layer as written. A module's calls
+made while its handler runs (a subclass's super().__call__) go straight
+through, so a user's subclass of nn.Dense is handled once per call.
+Nested `calls` blocks compose: the one entered first sees a call first.
 
 NNX modules are Python objects with no interception hook, so
 
@@ -40,12 +42,20 @@ def calls(
 ):
   """A context manager that routes the selected modules' calls to handler."""
 
+  active = set()  # modules inside the handler: a subclass's super() call
+
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name == method_name and (
-      select is None or select(module)
+    if (
+      context.method_name == method_name
+      and id(module) not in active
+      and (select is None or select(module))
     ):
-      return handler(module, next_fun, args, kwargs)
+      active.add(id(module))
+      try:
+        return handler(module, next_fun, args, kwargs)
+      finally:
+        active.discard(id(module))
     return next_fun(*args, **kwargs)
 
   return nn.intercept_methods(interceptor)
@@ -78,11 +88,17 @@ def nnx_calls(
   originals = {cls: cls.__call__ for cls in classes}
   owned = {cls: "__call__" in cls.__dict__ for cls in classes}
 
+  active = set()  # instances inside the handler: a subclass's super() call
+
   def wrap(original):
     @functools.wraps(original)
     def routed(self, *args, **kwargs):
-      if id(self) in chosen:
-        return handler(self, functools.partial(original, self), args, kwargs)
+      if id(self) in chosen and id(self) not in active:
+        active.add(id(self))
+        try:
+          return handler(self, functools.partial(original, self), args, kwargs)
+        finally:
+          active.discard(id(self))
       return original(self, *args, **kwargs)
 
     return routed

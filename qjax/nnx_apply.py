@@ -15,11 +15,14 @@ Everything runs inside the caller's jit (jax.jit(lambda q, x: apply(model,
 q, x))), so one layer's float weight exists at a time in XLA's schedule.
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from qjax import intercept, kernels, qtensor
+from qjax.activations import hooks
 from qjax.paths import path_str
 
 MODES = ("qmatmul", "dequantize")
@@ -47,7 +50,15 @@ def _linear(module, x, kernel, mode):
   return y.astype(module.dtype or jnp.result_type(x.dtype, jnp.float32))
 
 
-def apply(model: nnx.Module, qparams, *inputs, mode: str = "qmatmul", **kw):
+def apply(
+  model: nnx.Module,
+  qparams,
+  *inputs,
+  mode: str = "qmatmul",
+  activations=None,
+  act_scales=None,
+  **kw,
+):
   """model(*inputs, **kw) with the quantized parameters `qparams`.
 
   Args:
@@ -56,6 +67,8 @@ def apply(model: nnx.Module, qparams, *inputs, mode: str = "qmatmul", **kw):
     qparams: nnx.State of its parameters with quantized leaves.
     *inputs, **kw: the model's inputs.
     mode: one of MODES (see the module docstring).
+    activations, act_scales: an ActRecipe and its static scales: the
+      matched layer inputs are fake-quantized (qjax.activations).
 
   Raises:
     ValueError: an unknown mode.
@@ -84,7 +97,10 @@ def apply(model: nnx.Module, qparams, *inputs, mode: str = "qmatmul", **kw):
     finally:
       module.kernel.set_value(kernel)
 
-  with intercept.nnx_calls(
-    live, layer, lambda m: _packed_kernel(m) is not None
-  ):
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(
+      intercept.nnx_calls(live, layer, lambda m: _packed_kernel(m) is not None)
+    )
+    # NNX patches nest the other way: entered last, seen first.
+    stack.enter_context(hooks.maybe(activations, act_scales, root=live))
     return live(*inputs, **kw)

@@ -19,6 +19,58 @@ class _Net(nn.Module):
     return nn.Dense(2, name="b")(x.reshape(x.shape[0], -1))
 
 
+class _LoggingDense(nn.Dense):
+  """A user's Dense subclass that calls the base class's __call__."""
+
+  def __call__(self, x):
+    return super().__call__(x) + 0.0
+
+
+class _LoggingLinear(nnx.Linear):
+  def __call__(self, x):
+    return super().__call__(x) + 0.0
+
+
+class SubclassTest(absltest.TestCase):
+  """A subclass's super().__call__ must not reach the handler twice (it
+  used to: calibration counted such a layer's rows twice)."""
+
+  def test_linen_subclass_is_handled_once_per_call(self):
+    m = _LoggingDense(3)
+    x = jnp.ones((2, 4))
+    v = m.init(jax.random.key(0), x)
+    calls = []
+
+    def count(module, next_fun, args, kwargs):
+      calls.append(type(module).__name__)
+      return next_fun(*args, **kwargs)
+
+    with intercept.calls(count):
+      m.apply(v, x)
+    self.assertEqual(calls, ["_LoggingDense"])
+
+  def test_nnx_subclass_and_base_instance_are_each_handled_once(self):
+    class Two(nnx.Module):
+      def __init__(self):
+        self.a = _LoggingLinear(4, 4, rngs=nnx.Rngs(0))
+        self.b = nnx.Linear(4, 2, rngs=nnx.Rngs(1))
+
+      def __call__(self, x):
+        return self.b(self.a(x))
+
+    model = Two()
+    calls = []
+
+    def count(module, next_fun, args, kwargs):
+      calls.append(intercept.path(module))
+      return next_fun(*args, **kwargs)
+
+    linear = lambda m: isinstance(m, nnx.Linear)  # noqa: E731
+    with intercept.nnx_calls(model, count, linear):
+      model(jnp.ones((1, 4)))
+    self.assertEqual(calls, ["a", "b"])
+
+
 class InterceptTest(absltest.TestCase):
   def test_select_route_and_nest(self):
     net = _Net()

@@ -22,6 +22,7 @@ model's. Packed leaves not named 'kernel' (an embedding, which `attend`
 reads too) are dequantized up front, inside the caller's jit.
 """
 
+import contextlib
 from collections.abc import Mapping
 
 import flax.linen as nn
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from qjax import intercept, kernels, qtensor
+from qjax.activations import hooks
 from qjax.kernels import layout
 
 MODES = ("qmatmul", "dequantize")
@@ -89,6 +91,8 @@ def apply(
   impl: str = "auto",
   interpret: bool = False,
   method=None,
+  activations=None,
+  act_scales=None,
   **kwargs,
 ):
   """model.apply(variables, *inputs) from a quantized tree.
@@ -101,6 +105,9 @@ def apply(
     mode: one of MODES (see the module docstring).
     impl, interpret: passed to qjax.kernels.qmatmul.
     method, **kwargs: passed to model.apply.
+    activations: a qjax.activations.ActRecipe: the matched layer inputs
+      are fake-quantized before the layer (quantized or float) runs.
+    act_scales: its static scales (qjax.activations.calibrate).
 
   Raises:
     ValueError: an unknown mode.
@@ -118,7 +125,10 @@ def apply(
       return _dense(module, args[0], kernel, mode, impl, interpret)
     return _run_dequantized(module, next_fun, args, kw)
 
-  with intercept.calls(layer):
+  with contextlib.ExitStack() as stack:
+    # Entered first, seen first: inputs are quantized before the layer.
+    stack.enter_context(hooks.maybe(activations, act_scales))
+    stack.enter_context(intercept.calls(layer))
     return model.apply(
       {**variables, "params": _dequantize_non_kernels(variables["params"])},
       *inputs,

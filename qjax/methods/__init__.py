@@ -1,6 +1,6 @@
 """Methods as typed, composable stages (see qjax.methods.base).
 
-Transforms   MagR
+Transforms   MagR, Hadamard
 Quantizers   RTN, GPTQ, ErrorDiffusion, GPFQ, QAF, FTQ
 Refinements  CoordinateDescent, Pipe
 """
@@ -20,6 +20,7 @@ from qjax.methods.data_free import RTN, Pipe
 from qjax.methods.factorized import FTQ, QAF
 from qjax.methods.hessian import GPTQ, CoordinateDescent, MagR
 from qjax.methods.names import BY_NAME, from_name
+from qjax.methods.rotation import Hadamard
 from qjax.methods.two_stream import GPFQ, ErrorDiffusion
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
   "FTQ",
   "GPFQ",
   "GPTQ",
+  "Hadamard",
   "QAF",
   "RTN",
   "STATISTICS",

@@ -1,7 +1,10 @@
 """The method protocol: every method is a small frozen object of one of three
 stages, and a rule's method is a chain of them.
 
-  Transform   w -> w'                   (MagR; runs before the quantizer)
+  Transform   w -> w'                   (MagR, Hadamard; runs before the
+                                          quantizer; a change of basis also
+                                          maps the statistics and wraps the
+                                          result: transform_stats, wrap)
   Quantizer   w -> quantized leaf        (RTN, GPTQ, ErrorDiffusion, GPFQ,
                                           QAF, FTQ)
   Refinement  quantized leaf -> leaf     (CoordinateDescent, Pipe)
@@ -122,6 +125,16 @@ class Transform(Method):
     """w [..] -> w' of the same shape and dtype."""
     raise NotImplementedError
 
+  def transform_stats(self, stats: Stats) -> Stats:
+    """The statistics of the inputs that meet w' (later stages see these).
+    A transform that keeps X W (MagR) keeps them as they are."""
+    return stats
+
+  def wrap(self, result: Result) -> Result:
+    """The quantized w' -> a leaf for the original basis (called after the
+    quantizer and refinements, last transform first). Default: as it is."""
+    return result
+
 
 class Quantizer(Method):
   stage = "quantizer"
@@ -169,9 +182,12 @@ class Chain:
   def __call__(self, w, fmt, scaling, stats: Stats) -> Result:
     weight = w
     result = None
+    transforms = []
     for s in self.stages:
       if s.stage == "transform":
         weight = s.transform(weight, stats)
+        stats = s.transform_stats(stats)
+        transforms.append(s)
       elif s.stage == "quantizer":
         result = as_result(s.quantize(weight, fmt, scaling, stats))
       else:
@@ -188,6 +204,8 @@ class Chain:
         # A refinement that says nothing of the bias keeps the quantizer's.
         bias = result.bias if refined.bias is None else refined.bias
         result = refined._replace(bias=bias)
+    for s in reversed(transforms):
+      result = s.wrap(result)
     return result
 
 

@@ -14,6 +14,7 @@ from qjax.methods import base
 from qjax.methods.data_free import RTN, Pipe
 from qjax.methods.factorized import FTQ, QAF
 from qjax.methods.hessian import GPTQ, CoordinateDescent, MagR
+from qjax.methods.rotation import Hadamard
 from qjax.methods.two_stream import GPFQ, ErrorDiffusion
 
 BY_NAME = {
@@ -22,6 +23,7 @@ BY_NAME = {
     RTN,
     GPTQ,
     MagR,
+    Hadamard,
     CoordinateDescent,
     Pipe,
     ErrorDiffusion,

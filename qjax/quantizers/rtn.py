@@ -405,6 +405,22 @@ def _block_scales(x, fmt, scaling, clip_ratios, shrink, tensor_scale) -> Grid:
   )
 
 
+def encode_grid(x, fmt, grid: Grid, rounding=None, key=None) -> jax.Array:
+  """Codes of x on `grid` (from block_scales, or built around a given
+  scale): every exactness rule of encode_scaled applies. x: [*shape]."""
+  return _encode_with(
+    x,
+    fmt,
+    grid.scale_full,
+    grid.zero_full,
+    rounding,
+    key,
+    grid.exponent_full,
+    grid.two_level,
+    grid.shift_full,
+  )
+
+
 def dequantize_with(codes, fmt, grid: Grid) -> jax.Array:
   """(decode(codes) - zero_full) * scale_full, elementwise (subnormal
   scales and products rounded, not flushed)."""
@@ -423,17 +439,7 @@ def dequantize_with(codes, fmt, grid: Grid) -> jax.Array:
 def _rtn(x, fmt, scaling: Scaling, clip_ratios, rounding, key, shrink):
   grid = block_scales(x, fmt, scaling, clip_ratios, shrink)
   rkey = key if rounding == "stochastic" else None
-  codes = _encode_with(
-    x,
-    fmt,
-    grid.scale_full,
-    grid.zero_full,
-    rounding,
-    rkey,
-    grid.exponent_full,
-    grid.two_level,
-    grid.shift_full,
-  )
+  codes = encode_grid(x, fmt, grid, rounding, rkey)
   packed = packing.pack(codes, fmt.bits)
   return packed, grid.stored, grid.zero, grid.tensor_scale
 

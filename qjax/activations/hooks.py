@@ -1,0 +1,135 @@
+"""Applying activation rules to a model's layer inputs, by interception.
+
+  with quantized_inputs(recipe, scales):            # Linen
+    model.apply(variables, x)
+  with quantized_inputs(recipe, scales, root=model):  # NNX
+    model(x)
+
+replaces the input of every layer a rule matches by its fake-quant before
+the layer runs (qjax.apply(..., activations=recipe) does this for quantized
+weights). The layers seen are those qjax can view as a matrix product
+(qjax.linear_layers: Dense/Linear, DenseGeneral, Einsum, Conv) and Tap
+modules, which mark a tensor that is not a layer input (a KV cache).
+
+Block granularity runs along the input's last axis: a layer that contracts
+another axis (DenseGeneral with axis != -1, an Einsum whose contracted
+label is not last) is an error naming its path.
+"""
+
+import contextlib
+
+import flax.linen as nn
+from flax import nnx
+
+from qjax import intercept, linear_layers
+from qjax.activations import quantizer
+from qjax.transforms import hadamard
+
+
+class Tap(nn.Module):
+  """Identity (Linen): marks a tensor that activation rules can quantize,
+  such as the keys or values written to a KV cache."""
+
+  @nn.compact
+  def __call__(self, x):
+    return x
+
+
+class NnxTap(nnx.Module):
+  """Identity (NNX): the NNX form of Tap."""
+
+  def __call__(self, x):
+    return x
+
+
+def is_hooked(module) -> bool:
+  """Whether activation rules can see this module's input."""
+  return isinstance(module, (Tap, NnxTap)) or linear_layers.is_linear(module)
+
+
+def _contracts_last_axis(module, args, kwargs) -> bool:
+  kind = linear_layers.kind(module)
+  if kind == "dense_general":
+    axis = getattr(module, "axis", -1)
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    return tuple(a % args[0].ndim for a in axes) == (args[0].ndim - 1,)
+  if kind == "einsum":
+    eq = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None)
+    eq = (eq or module.einsum_str).replace(" ", "")
+    lhs, out = eq.split("->")
+    x_labels, k_labels = lhs.split(",")
+    return x_labels[-1] in k_labels and x_labels[-1] not in out
+  return True
+
+
+def _check(module, path, quant, args, kwargs):
+  along_k = quant.scaling.mode == "block" or quant.rotate is not None
+  if along_k and not _contracts_last_axis(module, args, kwargs):
+    raise ValueError(
+      f"layer {path!r}: {quant.spec()} blocks or rotates along the "
+      "input's last axis, which this layer does not contract; use "
+      "granularity 'tensor' or 'token' without rotation for it"
+    )
+
+
+def _scale_of(scales, path, quant):
+  if not quant.static:
+    return None
+  if scales is None or path not in scales:
+    raise ValueError(
+      f"layer {path!r}: {quant.spec()} is static and has no calibrated "
+      "scale; run qjax.activations.calibrate with this recipe first"
+    )
+  return scales[path]
+
+
+def handler(recipe, scales=None, observe=None):
+  """The interception handler: fake-quant (or, with `observe(path, quant,
+  x)`, observation of the float input) of every matched layer input."""
+
+  def run(module, next_fun, args, kwargs):
+    path = intercept.path(module)
+    quant = recipe.match(path)
+    if quant is None or not args:
+      return next_fun(*args, **kwargs)
+    _check(module, path, quant, args, kwargs)
+    x = args[0]
+    if quant.rotate is not None:
+      x = hadamard.rotate_last(x, quant.rotate, seed=quant.rotate_seed)
+    if observe is not None:  # calibration: observe, change nothing
+      observe(path, quant, x)
+      return next_fun(*args, **kwargs)
+    x = quantizer.fake_quant(x, quant, _scale_of(scales, path, quant))
+    if quant.rotate is not None:
+      x = hadamard.rotate_last(
+        x, quant.rotate, transpose=True, seed=quant.rotate_seed
+      )
+    return next_fun(x, *args[1:], **kwargs)
+
+  return run
+
+
+def quantized_inputs(recipe, scales=None, *, root=None, observe=None):
+  """A context in which the matched layer inputs are fake-quantized.
+
+  Args:
+    recipe: a qjax.activations.ActRecipe.
+    scales: {layer path: stored static scale} from calibrate (static rules).
+    root: the NNX model that will be called (None for Linen).
+    observe: calibration only (see handler).
+  """
+  run = handler(recipe, scales, observe)
+  if root is None:
+    return intercept.calls(run, is_hooked)
+  if not isinstance(root, nnx.Module):
+    raise TypeError(f"root must be an nnx.Module, got {type(root).__name__}")
+  return intercept.nnx_calls(root, run, is_hooked)
+
+
+def maybe(recipe, scales=None, *, root=None):
+  """quantized_inputs, or a no-op for recipe None."""
+  if recipe is None:
+    if scales:
+      raise ValueError("act_scales given without an activation recipe")
+    return contextlib.nullcontext()
+  return quantized_inputs(recipe, scales, root=root)

@@ -1,0 +1,86 @@
+"""Hadamard: quantize a Dense kernel in a Hadamard-rotated basis.
+
+A transform stage (qjax.transforms.hadamard): w [in, out] -> R^T w, the
+input statistics -> those of x R (H -> R^T H R, G and C likewise, means ->
+mean R), and the quantized R^T w is returned as a Rotated leaf, whose
+dequantize() is back in the model's basis. So chain(Hadamard(), MagR(),
+GPTQ()) runs MagR and GPTQ on the rotated problem, and activation rules
+with the same `rotate` quantize x R (qjax.activations).
+"""
+
+import dataclasses
+from typing import ClassVar
+
+import jax.numpy as jnp
+import numpy as np
+
+from qjax.methods import base
+from qjax.transforms import hadamard, rotated
+
+_HI = "highest"
+
+
+@dataclasses.dataclass(frozen=True)
+class Hadamard(base.Transform):
+  """block: 0 rotates all input rows with one Hadamard matrix; b > 0 runs
+  of b rows (block-diagonal R; b should divide the format's block, e.g. 32
+  for MX, so each scale block stays inside one rotation). seed: the random
+  signs of R (hadamard.rotation; None: the plain Hadamard matrix); use the
+  same block and seed in the activation rule."""
+
+  name: ClassVar[str] = "hadamard"
+  block: int = 0
+  seed: int | None = 0
+
+  def __post_init__(self):
+    if self.block < 0:
+      raise ValueError(f"Hadamard: block must be >= 0, got {self.block}")
+    if self.block:
+      hadamard.hadamard(self.block)  # raises for an order not built here
+
+  def _rotation(self, n):
+    return jnp.asarray(hadamard.rotation(n, self.block, self.seed), jnp.float32)
+
+  def transform(self, w, stats):
+    if w.ndim != 2:
+      raise ValueError(
+        f"Hadamard rotates Dense kernels [in, out]; got shape {w.shape} "
+        "(a conv's statistics are over patches, not channels)"
+      )
+    hadamard.rotation(w.shape[0], self.block)  # raises on a bad size
+    w_r = hadamard.rotate_input_axis(w, self.block, seed=self.seed)
+    return w_r.astype(w.dtype)
+
+  def transform_stats(self, stats):
+    def square(m):
+      if m is None:
+        return None
+      r = self._rotation(m.shape[-1])
+      return jnp.einsum("ji,jk,kl->il", r, m, r, precision=_HI)
+
+    def row(v):
+      if v is None:
+        return None
+      r = self._rotation(v.shape[-1])
+      return jnp.matmul(v, r, precision=_HI)
+
+    return stats._replace(
+      hessian=square(stats.hessian),
+      last_sample=square(stats.last_sample),
+      g=square(stats.g),
+      c=square(stats.c),
+      mean_x=row(stats.mean_x),
+      mean_xq=row(stats.mean_xq),
+    )
+
+  def wrap(self, result):
+    leaf = result.leaf
+    if not hasattr(leaf, "codes"):
+      raise ValueError(
+        "Hadamard composes with quantizers that return a QTensor (RTN, "
+        f"GPTQ, ED, GPFQ); got {type(leaf).__name__}"
+      )
+    out = rotated.Rotated(
+      leaf, self.block, tuple(leaf.shape), np.dtype(leaf.dtype), self.seed
+    )
+    return result._replace(leaf=out)
