@@ -12,6 +12,7 @@ workdir/<name>/; the table, results.csv and quality_vs_bits.png go to workdir.
 import importlib.util
 import pathlib
 
+import jax
 from absl import app, flags
 
 from experiments import run_lib
@@ -71,6 +72,9 @@ def sweep(entries, workdir, checkpoints=False) -> list[dict]:
       workdir / "results.csv", metrics, run_lib.tasks.get(config.model)
     )
     results.append(metrics)
+    # Each run's executables stay mapped until released; hundreds of runs
+    # would reach the kernel's cap on memory maps (tests/conftest.py).
+    jax.clear_caches()
   run_lib.plot_results(workdir / "results.csv", workdir / "quality_vs_bits.png")
   return results
 

@@ -132,7 +132,15 @@ def _group_stats(stats, g: int):
   return base.Stats(**pick)
 
 
-_PER_GROUP = ("hessian", "last_sample", "g", "c", "mean_x", "mean_xq")
+_PER_GROUP = (
+  "hessian",
+  "last_sample",
+  "g",
+  "c",
+  "mean_x",
+  "mean_xq",
+  "input_absmax",
+)
 
 
 def _run_grouped(rule, w, matrix, scaling, stats) -> base.Result:

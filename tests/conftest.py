@@ -1,4 +1,5 @@
-"""Eight simulated CPU devices for the sharding tests, and a fast compiler.
+"""Eight simulated CPU devices for the sharding tests, a fast compiler, and
+compiled code released after each module.
 
 Set before JAX initialises its backend; every pytest(-xdist) process imports
 this first, so the device count never depends on test order. The tests
@@ -17,3 +18,20 @@ if _FAST.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+  """Drops JAX's compiled executables after each test module.
+
+  XLA:CPU maps every executable's code into its own memory regions (about
+  220 for one residual expansion), and the kernel caps a process at 65530
+  maps (vm.max_map_count). A test worker that kept every executable of
+  the suite crossed that cap near the end and died with a segmentation
+  fault inside compilation (CI, in tests/transforms/residual_test.py).
+  """
+  yield
+  jax.clear_caches()

@@ -28,6 +28,13 @@ LAYERS = {
   "qjax.dispatch": 7,
   "qjax.intercept": 7,
   "qjax.calibration": 8,
+  "qjax.activations.quantizer": 8.2,
+  "qjax.activations.observers": 8.3,
+  "qjax.activations.rules": 8.3,
+  "qjax.activations.hooks": 8.4,
+  # calibrate runs whole models through qjax.apply; the package's
+  # __init__ exports it
+  "qjax.activations": 10.6,
   "qjax.api": 9,
   "qjax.linen": 10,
   "qjax.nnx_apply": 10,

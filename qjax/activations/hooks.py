@@ -11,6 +11,10 @@ weights). The layers seen are those qjax can view as a matrix product
 (qjax.linear_layers: Dense/Linear, DenseGeneral, Einsum, Conv) and Tap
 modules, which mark a tensor that is not a layer input (a KV cache).
 
+A kernel stored in another basis brings its input transform along: for a
+SmoothQuant kernel (diag(s) W) the rule quantizes x / s, for a Hadamard one
+(R^T W) x R, and the layer receives the quantized value mapped back.
+
 Block granularity runs along the input's last axis: a layer that contracts
 another axis (DenseGeneral with axis != -1, an Einsum whose contracted
 label is not last) is an error naming its path.
@@ -19,11 +23,12 @@ label is not last) is an error naming its path.
 import contextlib
 
 import flax.linen as nn
+import jax.numpy as jnp
 from flax import nnx
 
 from qjax import intercept, linear_layers
 from qjax.activations import quantizer
-from qjax.transforms import hadamard
+from qjax.transforms import hadamard, rotated, smoothquant
 
 
 class Tap(nn.Module):
@@ -72,6 +77,53 @@ def _check(module, path, quant, args, kwargs):
     )
 
 
+def _kernel_leaf(module):
+  if isinstance(module, nnx.Module):
+    kernel = getattr(module, "kernel", None)
+    return kernel.get_value() if isinstance(kernel, nnx.Variable) else None
+  if not module.has_variable("params", "kernel"):
+    return None
+  return module.get_variable("params", "kernel")
+
+
+def _rotation(block, seed):
+  def step(x, back):
+    return hadamard.rotate_last(x, block, transpose=back, seed=seed)
+
+  return step
+
+
+def _smoothing(s):
+  def step(x, back):
+    x = x.astype(jnp.float32)
+    return x * s if back else x / s
+
+  return step
+
+
+def _input_transforms(module, path, quant):
+  """What the input meets before the stored kernel, outermost first: the
+  kernel leaf's own pre-transforms (Smoothed: x / s; Rotated: x R), or the
+  rule's rotation for a float kernel. Each step(x, back) applies it, or with
+  back=True undoes it (after fake-quant)."""
+  steps, leaf, rotated_leaf = [], _kernel_leaf(module), False
+  while isinstance(leaf, (smoothquant.Smoothed, rotated.Rotated)):
+    if isinstance(leaf, smoothquant.Smoothed):
+      steps.append(_smoothing(leaf.s.astype(jnp.float32)))
+    else:
+      steps.append(_rotation(leaf.block, leaf.seed))
+      rotated_leaf = True
+    leaf = leaf.inner
+  if quant.rotate is not None:
+    if rotated_leaf:
+      raise ValueError(
+        f"layer {path!r}: its kernel is stored Hadamard-rotated, which "
+        "rotates the input already; drop `rotate` from the activation rule"
+      )
+    steps.append(_rotation(quant.rotate, quant.rotate_seed))
+  return steps
+
+
 def _scale_of(scales, path, quant):
   if not quant.static:
     return None
@@ -93,17 +145,16 @@ def handler(recipe, scales=None, observe=None):
     if quant is None or not args:
       return next_fun(*args, **kwargs)
     _check(module, path, quant, args, kwargs)
+    steps = _input_transforms(module, path, quant)
     x = args[0]
-    if quant.rotate is not None:
-      x = hadamard.rotate_last(x, quant.rotate, seed=quant.rotate_seed)
+    for step in steps:
+      x = step(x, False)
     if observe is not None:  # calibration: observe, change nothing
       observe(path, quant, x)
       return next_fun(*args, **kwargs)
     x = quantizer.fake_quant(x, quant, _scale_of(scales, path, quant))
-    if quant.rotate is not None:
-      x = hadamard.rotate_last(
-        x, quant.rotate, transpose=True, seed=quant.rotate_seed
-      )
+    for step in reversed(steps):
+      x = step(x, True)
     return next_fun(x, *args[1:], **kwargs)
 
   return run

@@ -83,11 +83,12 @@ class BlockModel(NamedTuple):
     args, kwargs = call
     return self.module(name).apply(self.variables(name, block), *args, **kwargs)
 
-  def hessians(self, name, block, calls) -> dict:
+  def hessians(self, name, block, calls, absmax_out=None) -> dict:
     h, _ = capture.dense_hessians(
       self.module(name),
       self.variables(name, block),
       [args for args, _ in calls],
+      absmax_out=absmax_out,
     )
     return h
 

@@ -60,6 +60,13 @@ def _sow_gram(module, next_fun, args, kwargs):
     reduce_fn=_add,
     init_fn=_zero,
   )
+  module.sow(  # per input column: SmoothQuant's max |X_j|
+    "calibration",
+    "absmax",
+    jnp.max(jnp.abs(x), axis=-2),
+    reduce_fn=jnp.maximum,
+    init_fn=_zero,
+  )
   return next_fun(*args, **kwargs)
 
 
@@ -105,6 +112,7 @@ def dense_hessians(
   *,
   prefix: str = "",
   kwargs: bool = False,
+  absmax_out: dict | None = None,
 ) -> tuple[dict[str, jax.Array], list]:
   """Streams H = (2/n) X^T X for every linear layer of `module`.
 
@@ -115,6 +123,8 @@ def dense_hessians(
       (args, kwargs) pairs when `kwargs` is True.
     prefix: prepended to every path (the block's name in a larger tree).
     kwargs: whether each batch is an (args, kwargs) pair.
+    absmax_out: if given, filled with {kernel path: max |X| per input
+      column [in]} over all batches (SmoothQuant's statistic).
 
   Returns:
     ({kernel path: H [in, in], or [G, d, d] for a grouped conv},
@@ -130,10 +140,18 @@ def dense_hessians(
       out, stats = _capture_jit(module, variables, tuple(call))
     outputs.append(out)
     for path, s in _flatten(stats).items():
-      xtx, rows = sums.get(path, (0.0, 0.0))
-      sums[path] = (xtx + s["xtx"], rows + s["rows"])
+      xtx, rows, amax = sums.get(path, (0.0, 0.0, 0.0))
+      sums[path] = (
+        xtx + s["xtx"],
+        rows + s["rows"],
+        jnp.maximum(amax, s["absmax"]),
+      )
   pre = f"{prefix}/" if prefix else ""
-  return {pre + p: 2.0 * xtx / rows for p, (xtx, rows) in sums.items()}, outputs
+  if absmax_out is not None:
+    absmax_out.update({pre + p: a for p, (_, _, a) in sums.items()})
+  return {
+    pre + p: 2.0 * xtx / rows for p, (xtx, rows, _) in sums.items()
+  }, outputs
 
 
 def linear_order(

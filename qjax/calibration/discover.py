@@ -27,6 +27,7 @@ write a BlockModel.
 """
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from qjax import intercept, linear_layers
@@ -229,15 +230,22 @@ class LinenWalk(_Walk):
       {"params": block, **self._extra(name)}, *args, **kwargs
     )
 
-  def hessians(self, name, block, calls) -> dict:
+  def hessians(self, name, block, calls, absmax_out=None) -> dict:
     variables = {"params": block, **self._extra(name)}
     if all(not kw for _, kw in calls):
       h, _ = capture.dense_hessians(
-        self._module(name), variables, [a for a, _ in calls]
+        self._module(name),
+        variables,
+        [a for a, _ in calls],
+        absmax_out=absmax_out,
       )
     else:
       h, _ = capture.dense_hessians(
-        self._module(name), variables, calls, kwargs=True
+        self._module(name),
+        variables,
+        calls,
+        kwargs=True,
+        absmax_out=absmax_out,
       )
     return h
 
@@ -341,23 +349,27 @@ class NnxWalk(_Walk):
     with intercept.nnx_calls(module, handler, linear_layers.is_linear):
       module(*args, **kwargs)
 
-  def hessians(self, name, block, calls) -> dict:
+  def hessians(self, name, block, calls, absmax_out=None) -> dict:
     module = self._block(name, block)
     sums = {}
 
     def add(layer, next_fun, args, kwargs):
       x = linear_layers.input_rows(layer, args[0], args, kwargs)
       path = intercept.path(layer)
-      xtx, rows = sums.get(path, (0.0, 0.0))
-      sums[path] = (xtx + capture.gram(x), rows + x.shape[-2])
+      xtx, rows, amax = sums.get(path, (0.0, 0.0, 0.0))
+      amax = jnp.maximum(amax, jnp.max(jnp.abs(x), axis=-2))
+      sums[path] = (xtx + capture.gram(x), rows + x.shape[-2], amax)
       return next_fun(*args, **kwargs)
 
     for call in calls:
       self._each_layer(module, add, call)
-    return {
-      "/".join(filter(None, (p, "kernel"))): 2.0 * xtx / rows
-      for p, (xtx, rows) in sums.items()
-    }
+
+    def key(p):
+      return "/".join(filter(None, (p, "kernel")))
+
+    if absmax_out is not None:
+      absmax_out.update({key(p): a for p, (_, _, a) in sums.items()})
+    return {key(p): 2.0 * xtx / rows for p, (xtx, rows, _) in sums.items()}
 
   def layer_order(self, name, block, call) -> list:
     order = []

@@ -35,10 +35,14 @@ def _last_calls(calls, tokens):
   )
 
 
-def _stats_for(name, hessians, grams):
+def _stats_for(name, hessians, grams, absmax):
   def stats(path) -> Stats:
     inner = path[len(name) + 1 :]
-    return Stats(hessian=hessians.get(inner), last_sample=grams.get(inner))
+    return Stats(
+      hessian=hessians.get(inner),
+      last_sample=grams.get(inner),
+      input_absmax=absmax.get(inner),
+    )
 
   return stats
 
@@ -125,7 +129,8 @@ def quantize_sequential(
     with context():
       if index:
         calls = widen(walk.next_calls(index, outputs, stream, batches))
-      hessians = walk.hessians(name, widen(block), calls)
+      absmax = {}
+      hessians = walk.hessians(name, widen(block), calls, absmax_out=absmax)
       grams = {}
       if recipe.needs_last_sample:
         grams = walk.hessians(
@@ -135,7 +140,7 @@ def quantize_sequential(
       trees.nest(name, block),
       recipe,
       key=None if key is None else jax.random.fold_in(key, index),
-      stats_for=_stats_for(name, hessians, grams),
+      stats_for=_stats_for(name, hessians, grams, absmax),
     )
     used |= block_used
     qblock = trees.get(qblock, name)

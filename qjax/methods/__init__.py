@@ -1,6 +1,6 @@
 """Methods as typed, composable stages (see qjax.methods.base).
 
-Transforms   MagR, Hadamard
+Transforms   MagR, Hadamard, SmoothQuant
 Quantizers   RTN, GPTQ, ErrorDiffusion, GPFQ, QAF, FTQ
 Refinements  CoordinateDescent, Pipe
 """
@@ -21,6 +21,7 @@ from qjax.methods.factorized import FTQ, QAF
 from qjax.methods.hessian import GPTQ, CoordinateDescent, MagR
 from qjax.methods.names import BY_NAME, from_name
 from qjax.methods.rotation import Hadamard
+from qjax.methods.smoothing import SmoothQuant
 from qjax.methods.two_stream import GPFQ, ErrorDiffusion
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
   "QAF",
   "RTN",
   "STATISTICS",
+  "SmoothQuant",
   "Chain",
   "CoordinateDescent",
   "ErrorDiffusion",

@@ -41,7 +41,9 @@ STAGES = ("transform", "quantizer", "refinement")
 #                authors' statistics).
 # 'two_stream'   G = X~^T X~ and C = X~^T X of the quantized (X~) and float
 #                (X) streams, with their means (Error Diffusion, GPFQ).
-STATISTICS = ("hessian", "last_sample", "two_stream")
+# 'input_absmax' max |X_j| per input column over the calibration set
+#                (SmoothQuant), collected with 'hessian'.
+STATISTICS = ("hessian", "last_sample", "two_stream", "input_absmax")
 
 
 class Stats(NamedTuple):
@@ -52,6 +54,7 @@ class Stats(NamedTuple):
   g, c         [in, in] float32 X~^T X~ and X~^T X ('two_stream').
   mean_x       [in] mean float-stream input; mean_xq the quantized one's.
   rows         number of calibration rows behind g and c.
+  input_absmax [in] max |X_j| per input column ('input_absmax').
   bias         [out] the layer's float bias, where it has one.
   key          this leaf's jax.random key (stochastic rounding), or None.
   """
@@ -65,6 +68,7 @@ class Stats(NamedTuple):
   rows: Any = None
   bias: jax.Array | None = None
   key: jax.Array | None = None
+  input_absmax: jax.Array | None = None
 
   def available(self) -> frozenset:
     """The STATISTICS these stats hold."""
@@ -75,6 +79,8 @@ class Stats(NamedTuple):
       have.add("last_sample")
     if self.g is not None and self.c is not None:
       have.add("two_stream")
+    if self.input_absmax is not None:
+      have.add("input_absmax")
     return frozenset(have)
 
 
@@ -125,14 +131,18 @@ class Transform(Method):
     """w [..] -> w' of the same shape and dtype."""
     raise NotImplementedError
 
-  def transform_stats(self, stats: Stats) -> Stats:
-    """The statistics of the inputs that meet w' (later stages see these).
-    A transform that keeps X W (MagR) keeps them as they are."""
+  def transform_stats(self, stats: Stats, w: jax.Array) -> Stats:
+    """The statistics of the inputs that meet w' (later stages see these),
+    given the weight w this transform received. A transform that keeps the
+    inputs (MagR) keeps them as they are."""
+    del w
     return stats
 
-  def wrap(self, result: Result) -> Result:
-    """The quantized w' -> a leaf for the original basis (called after the
-    quantizer and refinements, last transform first). Default: as it is."""
+  def wrap(self, result: Result, w: jax.Array, stats: Stats) -> Result:
+    """The quantized w' -> a leaf in the original basis (called after the
+    quantizer and refinements, last transform first, with the weight and
+    statistics this transform received). Default: as it is."""
+    del w, stats
     return result
 
 
@@ -185,9 +195,11 @@ class Chain:
     transforms = []
     for s in self.stages:
       if s.stage == "transform":
-        weight = s.transform(weight, stats)
-        stats = s.transform_stats(stats)
-        transforms.append(s)
+        transforms.append((s, weight, stats))
+        weight, stats = (
+          s.transform(weight, stats),
+          s.transform_stats(stats, weight),
+        )
       elif s.stage == "quantizer":
         result = as_result(s.quantize(weight, fmt, scaling, stats))
       else:
@@ -204,8 +216,8 @@ class Chain:
         # A refinement that says nothing of the bias keeps the quantizer's.
         bias = result.bias if refined.bias is None else refined.bias
         result = refined._replace(bias=bias)
-    for s in reversed(transforms):
-      result = s.wrap(result)
+    for s, w_in, stats_in in reversed(transforms):
+      result = s.wrap(result, w_in, stats_in)
     return result
 
 

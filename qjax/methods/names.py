@@ -15,6 +15,7 @@ from qjax.methods.data_free import RTN, Pipe
 from qjax.methods.factorized import FTQ, QAF
 from qjax.methods.hessian import GPTQ, CoordinateDescent, MagR
 from qjax.methods.rotation import Hadamard
+from qjax.methods.smoothing import SmoothQuant
 from qjax.methods.two_stream import GPFQ, ErrorDiffusion
 
 BY_NAME = {
@@ -24,6 +25,7 @@ BY_NAME = {
     GPTQ,
     MagR,
     Hadamard,
+    SmoothQuant,
     CoordinateDescent,
     Pipe,
     ErrorDiffusion,

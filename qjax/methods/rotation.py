@@ -51,7 +51,9 @@ class Hadamard(base.Transform):
     w_r = hadamard.rotate_input_axis(w, self.block, seed=self.seed)
     return w_r.astype(w.dtype)
 
-  def transform_stats(self, stats):
+  def transform_stats(self, stats, w):
+    del w
+
     def square(m):
       if m is None:
         return None
@@ -71,9 +73,11 @@ class Hadamard(base.Transform):
       c=square(stats.c),
       mean_x=row(stats.mean_x),
       mean_xq=row(stats.mean_xq),
+      input_absmax=None,  # a max does not rotate
     )
 
-  def wrap(self, result):
+  def wrap(self, result, w, stats):
+    del w, stats
     leaf = result.leaf
     if not hasattr(leaf, "codes"):
       raise ValueError(

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax.activations.hooks import Tap
 from qjax.calibration import BlockModel
 from qjax.models.package_files import package_dir
 
@@ -86,7 +87,9 @@ class Block(nn.Module):
     k = dense(c.kv_heads * hd, name="k")(h).reshape(b, t, c.kv_heads, hd)
     v = dense(c.kv_heads * hd, name="v")(h).reshape(b, t, c.kv_heads, hd)
     q = rope_interleaved(q, positions, c.rope_base)
-    k = rope_interleaved(k, positions, c.rope_base)
+    # What a KV cache stores: activation rules may quantize these taps.
+    k = Tap(name="k_cache")(rope_interleaved(k, positions, c.rope_base))
+    v = Tap(name="v_cache")(v)
     group = c.heads // c.kv_heads  # grouped-query attention
     q = q.reshape(b, t, c.kv_heads, group, hd)
     logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k) / np.sqrt(hd)

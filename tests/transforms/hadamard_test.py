@@ -83,9 +83,16 @@ class ModelTest(absltest.TestCase):
     recipe = qjax.Recipe((qjax.rule("kernel", "int16", method="hadamard+rtn"),))
     q = qjax.quantize(self.vars["params"], recipe)
     self.assertIsInstance(q["up"]["kernel"], rotated.Rotated)
-    both = qjax.apply(self.model, {"params": q}, self.x, activations=turn)
+    weights_only = qjax.apply(self.model, {"params": q}, self.x)
     # int16's own rounding (outputs up to ~50) is ~1e-4 of the output
+    np.testing.assert_allclose(weights_only, want, rtol=2e-3, atol=2e-3)
+    # a rotated kernel rotates its input itself: an int16 activation rule
+    # quantizes x R, and the output stays the float one
+    int16 = activations.recipe(activations.act_rule("", "int16", "token"))
+    both = qjax.apply(self.model, {"params": q}, self.x, activations=int16)
     np.testing.assert_allclose(both, want, rtol=2e-3, atol=2e-3)
+    with self.assertRaisesRegex(ValueError, "stored Hadamard-rotated"):
+      qjax.apply(self.model, {"params": q}, self.x, activations=turn)
 
   def test_rotation_lowers_int4_error_on_an_outlier_channel(self):
     x = self.x  # channel 2 is 50x the others

@@ -1,0 +1,238 @@
+"""Weight-and-activation quantization of SmolLM2-135M: KJV perplexity.
+
+  python -m experiments.activation_table --out=docs/results/activations.json \
+    --plot=docs/activations_smollm2.png
+
+Every row quantizes the inputs of the 210 Dense layers (q, k, v, o, gate,
+up, down; the tied LM head stays float) and, for the KV rows, the keys
+(after RoPE) and values a cache would hold, along the head dimension (64).
+Weights: RTN, or GPTQ (act-order, calibrated on float activations, float32
+calibration); '+H' rows rotate both sides with the randomized Hadamard
+matrix of the layer's width (576 or 1536; qjax.Hadamard on the weights, the
+same rotation on the inputs); '+SQ' rows apply SmoothQuant (alpha 0.5,
+max |X_j| from the calibration windows) before the weight quantizer. Rows
+are named W<weight bits>A<activation bits>. --rows picks some
+(comma-separated names); the JSON keeps every row measured so far and the
+table is printed from it.
+"""
+
+import json
+import pathlib
+import time
+
+import jax
+from absl import app, flags
+
+import qjax
+from experiments import tasks
+from qjax import activations as act
+from qjax import metrics as qmetrics
+from qjax.models import smollm2
+
+_OUT = flags.DEFINE_string("out", "docs/results/activations.json", "JSON")
+_PLOT = flags.DEFINE_string("plot", "", "write a PNG here")
+_ROWS = flags.DEFINE_string("rows", "", "only these rows (comma-separated)")
+_EVAL = flags.DEFINE_integer("eval_windows", 8, "evaluation windows of 512")
+_LAYERS = flags.DEFINE_integer("layers", 0, "first N blocks only (smoke runs)")
+
+LAYERS = r"/(q|k|v|o|gate|up|down)$"
+CACHE = r"/(k_cache|v_cache)$"
+
+
+def _weights(fmt, method, hadamard=False, smooth=False):
+  """A weight recipe for every Dense kernel; method 'rtn' or 'gptq'."""
+  if fmt is None:
+    return None
+  stages = []
+  if smooth:
+    stages.append(qjax.SmoothQuant(alpha=0.5))
+  if hadamard:
+    stages.append(qjax.Hadamard())
+  stages.append(qjax.GPTQ(act_order=True) if method == "gptq" else qjax.RTN())
+  options = {}
+  if fmt == "uint4_g128":
+    fmt, options = (
+      "uint4",
+      {"scaling": qjax.formats.per_block(128, 0, zero_point=True)},
+    )
+  return qjax.Recipe(
+    (qjax.rule("kernel", fmt, method=qjax.chain(*stages), **options),)
+  )
+
+
+def _acts(fmt, granularity="token", hadamard=False, pattern=LAYERS, **kw):
+  if fmt is None:
+    return None
+  rotate = 0 if hadamard else None
+  return act.recipe(
+    act.act_rule(pattern, fmt, granularity, rotate=rotate, **kw)
+  )
+
+
+# name -> (weight format, weight method, weight pre-transform, activation
+# recipe). Pre-transforms ('H' Hadamard, 'SQ' SmoothQuant) are stored with
+# the kernel, which rotates or scales its input itself (qjax.activations).
+ROWS = {
+  "float": (None, "rtn", "", None),
+  "W16A8 int8 token": (None, "rtn", "", _acts("int8")),
+  "W16A8 int8 token +H": (None, "rtn", "", _acts("int8", hadamard=True)),
+  "W8A8 int8 token": ("int8", "rtn", "", _acts("int8")),
+  "W8A8 int8 token +H": ("int8", "rtn", "H", _acts("int8")),
+  "W8A8 int8 token +SQ": ("int8", "rtn", "SQ", _acts("int8")),
+  "W8A8 int8 tensor static minmax": (
+    "int8",
+    "rtn",
+    "",
+    _acts("int8", "tensor", static=True),
+  ),
+  "W8A8 int8 tensor static p99.99": (
+    "int8",
+    "rtn",
+    "",
+    _acts("int8", "tensor", static=True, observer="percentile"),
+  ),
+  "W8A8 fp8 e4m3 token": (
+    "float8_e4m3fn",
+    "rtn",
+    "",
+    _acts("float8_e4m3fn"),
+  ),
+  "W8A8 mxfp8 e4m3": ("mxfp8_e4m3", "rtn", "", _acts("mxfp8_e4m3")),
+  "W4A8 GPTQ uint4 g128, int8 token": (
+    "uint4_g128",
+    "gptq",
+    "",
+    _acts("int8"),
+  ),
+}
+for _fmt in ("int4", "mxfp4", "nvfp4"):
+  for _method in ("rtn", "gptq"):
+    for _pre in ("", "H") + (("SQ",) if _fmt == "int4" else ()):
+      _name = f"W4A4 {_fmt} {_method.upper()}" + (f" +{_pre}" if _pre else "")
+      ROWS[_name] = (_fmt, _method, _pre, _acts(_fmt))
+for _fmt in ("int8", "float8_e4m3fn", "mxfp4", "nvfp4"):
+  ROWS[f"KV {_fmt}"] = (None, "rtn", "", _acts(_fmt, pattern=CACHE))
+
+
+def _perplexity(params, recipe, scales, config):
+  model = smollm2.model_for(params)
+  fn = jax.jit(
+    lambda p, ids: qjax.apply(
+      model,
+      {"params": p},
+      ids,
+      activations=recipe,
+      act_scales=scales,
+      mode="dequantize",
+    )
+  )
+  windows = tasks.SmolLM2Task._windows(config.eval.window, config.eval.windows)
+  return qmetrics.perplexity(lambda w: fn(params, w), windows)
+
+
+def measure(name, params, config, quantized_cache):
+  fmt, method, pre, recipe = ROWS[name]
+  task = tasks.get("smollm2")
+  wrecipe = _weights(fmt, method, pre == "H", pre == "SQ")
+  start = time.perf_counter()
+  key = (fmt, method, pre)
+  if wrecipe is None:
+    weights = params
+  elif key in quantized_cache:
+    weights = quantized_cache[key]
+  else:
+    calib = None
+    if wrecipe.needs_calibration:
+      calib = (task.block_model(params), task.calibration_batches(config))
+    weights = qjax.quantize(params, wrecipe, calib=calib, progress=True)
+    quantized_cache[key] = weights
+  scales = None
+  if recipe is not None and recipe.static:
+    batches = task.calibration_batches(config)[:4]
+    model = smollm2.model_for(params)
+    scales = act.calibrate(model, {"params": weights}, batches, recipe)
+  ppl = _perplexity(weights, recipe, scales, config)
+  return {
+    "perplexity": ppl,
+    "weights": "float" if fmt is None else f"{fmt} {method}",
+    "pre": {"": "", "H": "Hadamard", "SQ": "SmoothQuant"}[pre],
+    "activations": "float" if recipe is None else recipe.rules[0].quant.spec(),
+    "seconds": time.perf_counter() - start,
+  }
+
+
+def table(results) -> str:
+  ref = results.get("float", {}).get("perplexity")
+  lines = [
+    "| row | weights | activations | perplexity | vs float |",
+    "|---|---|---|---|---|",
+  ]
+  for name in ROWS:
+    r = results.get(name)
+    if r is None:
+      continue
+    rel = f"{100 * (r['perplexity'] / ref - 1):+.2f}%" if ref else ""
+    pre = r.get("pre", "Hadamard" if r.get("hadamard") else "")
+    w = r["weights"] + (f" ({pre})" if pre else "")
+    lines.append(
+      f"| {name} | {w} | {r['activations']} | {r['perplexity']:.4f} | {rel} |"
+    )
+  return "\n".join(lines)
+
+
+def plot(results, path):
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  fig, ax = plt.subplots(figsize=(8, 4))
+  fmts = ("int4", "mxfp4", "nvfp4")
+  kinds = ("RTN", "RTN +H", "GPTQ", "GPTQ +H")
+  width = 0.2
+  for i, kind in enumerate(kinds):
+    ys = [
+      results.get(f"W4A4 {f} {kind}", {}).get("perplexity", float("nan"))
+      for f in fmts
+    ]
+    ax.bar([j + (i - 1.5) * width for j in range(3)], ys, width, label=kind)
+  ref = results["float"]["perplexity"]
+  ax.axhline(ref, color="k", lw=1, ls="--", label=f"float {ref:.2f}")
+  ax.set_xticks(range(3), fmts)
+  ax.set_yscale("log")
+  ax.set_ylabel("KJV perplexity (log scale)")
+  ax.set_title("SmolLM2-135M, W4A4 (all Dense inputs and weights)")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main(argv):
+  del argv
+  from configs import smollm2 as smollm2_config  # noqa: PLC0415
+
+  config = smollm2_config.get_config()
+  config.eval.windows = _EVAL.value
+  config.layers = _LAYERS.value or None
+  out = pathlib.Path(_OUT.value)
+  results = json.loads(out.read_text()) if out.exists() else {}
+  params = tasks.get("smollm2").load(config)
+  wanted = [n.strip() for n in _ROWS.value.split(",") if n.strip()] or list(
+    ROWS
+  )
+  unknown = [n for n in wanted if n not in ROWS]
+  if unknown:
+    raise app.UsageError(f"unknown rows {unknown}; known: {list(ROWS)}")
+  cache = {}
+  for name in wanted:
+    results[name] = measure(name, params, config, cache)
+    print(f"{name}: {results[name]['perplexity']:.4f}", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+  print(table(results))
+  if _PLOT.value:
+    plot(results, _PLOT.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
