@@ -16,26 +16,33 @@ are named W<weight bits>A<activation bits>. --rows picks some
 table is printed from it.
 """
 
+import dataclasses
 import json
 import pathlib
 import time
 
 import jax
+import numpy as np
 from absl import app, flags
 
 import qjax
 from experiments import tasks
 from qjax import activations as act
 from qjax import metrics as qmetrics
-from qjax.models import smollm2
+from qjax.models import minilm, smollm2
 
 _OUT = flags.DEFINE_string("out", "docs/results/activations.json", "JSON")
 _PLOT = flags.DEFINE_string("plot", "", "write a PNG here")
 _ROWS = flags.DEFINE_string("rows", "", "only these rows (comma-separated)")
 _EVAL = flags.DEFINE_integer("eval_windows", 8, "evaluation windows of 512")
 _LAYERS = flags.DEFINE_integer("layers", 0, "first N blocks only (smoke runs)")
+_MODEL = flags.DEFINE_enum("model", "smollm2", ["smollm2", "minilm"], "model")
 
-LAYERS = r"/(q|k|v|o|gate|up|down)$"
+# Every Dense layer's input, per model.
+LAYERS = {
+  "smollm2": r"/(q|k|v|o|gate|up|down)$",
+  "minilm": r"/(query|key|value|attn_out|ffn_in|ffn_out)$",
+}
 CACHE = r"/(k_cache|v_cache)$"
 
 
@@ -49,21 +56,24 @@ def _weights(fmt, method, hadamard=False, smooth=False):
   if hadamard:
     stages.append(qjax.Hadamard())
   stages.append(qjax.GPTQ(act_order=True) if method == "gptq" else qjax.RTN())
+  if method == "pipe":  # PIPE: RTN, then a second residual order
+    stages.append(qjax.Pipe(order=2))
   options = {}
   if fmt == "uint4_g128":
     fmt, options = (
       "uint4",
-      {"scaling": qjax.formats.per_block(128, 0, zero_point=True)},
+      {"scaling": qjax.formats.per_block(128, 0, zero_point=True, ragged=True)},
     )
   return qjax.Recipe(
     (qjax.rule("kernel", fmt, method=qjax.chain(*stages), **options),)
   )
 
 
-def _acts(fmt, granularity="token", hadamard=False, pattern=LAYERS, **kw):
+def _acts(fmt, granularity="token", hadamard=False, pattern=None, **kw):
   if fmt is None:
     return None
   rotate = 0 if hadamard else None
+  pattern = pattern or LAYERS["smollm2"]
   return act.recipe(
     act.act_rule(pattern, fmt, granularity, rotate=rotate, **kw)
   )
@@ -98,7 +108,7 @@ ROWS = {
     _acts("float8_e4m3fn"),
   ),
   "W8A8 mxfp8 e4m3": ("mxfp8_e4m3", "rtn", "", _acts("mxfp8_e4m3")),
-  "W4A8 GPTQ uint4 g128, int8 token": (
+  "W4A8 GPTQ uint4 g128 int8 token": (
     "uint4_g128",
     "gptq",
     "",
@@ -110,29 +120,75 @@ for _fmt in ("int4", "mxfp4", "nvfp4"):
     for _pre in ("", "H") + (("SQ",) if _fmt == "int4" else ()):
       _name = f"W4A4 {_fmt} {_method.upper()}" + (f" +{_pre}" if _pre else "")
       ROWS[_name] = (_fmt, _method, _pre, _acts(_fmt))
+# PIPE: weights expanded to 2 int4 orders; inputs as one term or expanded
+# to 2 (ActQuant.orders).
+ROWS["W4A4 int4 PIPE o2"] = ("int4", "pipe", "", _acts("int4"))
+ROWS["W4A4 int4 PIPE o2 inputs x2"] = (
+  "int4",
+  "pipe",
+  "",
+  _acts("int4", orders=2),
+)
 for _fmt in ("int8", "float8_e4m3fn", "mxfp4", "nvfp4"):
   ROWS[f"KV {_fmt}"] = (None, "rtn", "", _acts(_fmt, pattern=CACHE))
 
 
-def _perplexity(params, recipe, scales, config):
-  model = smollm2.model_for(params)
-  fn = jax.jit(
-    lambda p, ids: qjax.apply(
+def rows_for(model: str) -> dict:
+  """ROWS with the model's layer pattern (no KV rows for an encoder)."""
+  if model == "smollm2":
+    return dict(ROWS)
+  out = {}
+  for name, (fmt, method, pre, recipe) in ROWS.items():
+    if name.startswith("KV"):
+      continue
+    if recipe is not None:
+      recipe = act.ActRecipe(
+        tuple(
+          dataclasses.replace(r, pattern=LAYERS[model]) for r in recipe.rules
+        )
+      )
+    out[name] = (fmt, method, pre, recipe)
+  return out
+
+
+def _apply_fn(model, recipe, scales):
+  # A new function per row: jit never reuses a trace made with other rules.
+  return jax.jit(
+    lambda p, *xs: qjax.apply(
       model,
       {"params": p},
-      ids,
+      *xs,
       activations=recipe,
       act_scales=scales,
       mode="dequantize",
     )
   )
-  windows = tasks.SmolLM2Task._windows(config.eval.window, config.eval.windows)
-  return qmetrics.perplexity(lambda w: fn(params, w), windows)
 
 
-def measure(name, params, config, quantized_cache):
-  fmt, method, pre, recipe = ROWS[name]
-  task = tasks.get("smollm2")
+def _quality(model_name, params, recipe, scales, config):
+  """SmolLM2: KJV perplexity; MiniLM: mean embedding cosine to float."""
+  if model_name == "smollm2":
+    fn = _apply_fn(smollm2.model_for(params), recipe, scales)
+    windows = tasks.SmolLM2Task._windows(
+      config.eval.window, config.eval.windows
+    )
+    return qmetrics.perplexity(lambda w: fn(params, w), windows)
+  task = tasks.get("minilm")
+  ids, mask = task._batch(config.eval.sentences)
+  layers = sum(k.startswith("layer_") for k in params)
+  fn = _apply_fn(minilm.MiniLM(minilm.Config(layers=layers)), recipe, scales)
+  emb = np.asarray(minilm.sentence_embedding(fn(params, ids, mask), mask))
+  if model_name not in _REFERENCE:
+    raise ValueError("measure the float row first")
+  return float(qmetrics.cosine_similarity(emb, _REFERENCE[model_name]).mean())
+
+
+_REFERENCE = {}
+
+
+def measure(name, params, config, quantized_cache, model="smollm2"):
+  fmt, method, pre, recipe = rows_for(model)[name]
+  task = tasks.get(model)
   wrecipe = _weights(fmt, method, pre == "H", pre == "SQ")
   start = time.perf_counter()
   key = (fmt, method, pre)
@@ -149,11 +205,26 @@ def measure(name, params, config, quantized_cache):
   scales = None
   if recipe is not None and recipe.static:
     batches = task.calibration_batches(config)[:4]
-    model = smollm2.model_for(params)
-    scales = act.calibrate(model, {"params": weights}, batches, recipe)
-  ppl = _perplexity(weights, recipe, scales, config)
+    if model == "smollm2":
+      net = smollm2.model_for(params)
+    else:
+      layers = sum(k.startswith("layer_") for k in params)
+      net = minilm.MiniLM(minilm.Config(layers=layers))
+    scales = act.calibrate(net, {"params": weights}, batches, recipe)
+  if model == "minilm" and name == "float":
+    _REFERENCE.pop(model, None)
+    ids, mask = task._batch(config.eval.sentences)
+    states = _apply_fn(
+      minilm.MiniLM(
+        minilm.Config(layers=sum(k.startswith("layer_") for k in params))
+      ),
+      None,
+      None,
+    )(params, ids, mask)
+    _REFERENCE[model] = np.asarray(minilm.sentence_embedding(states, mask))
+  quality = _quality(model, weights, recipe, scales, config)
   return {
-    "perplexity": ppl,
+    "perplexity" if model == "smollm2" else "cosine_mean": quality,
     "weights": "float" if fmt is None else f"{fmt} {method}",
     "pre": {"": "", "H": "Hadamard", "SQ": "SmoothQuant"}[pre],
     "activations": "float" if recipe is None else recipe.rules[0].quant.spec(),
@@ -161,26 +232,38 @@ def measure(name, params, config, quantized_cache):
   }
 
 
+def _metric(results) -> str:
+  return (
+    "perplexity"
+    if "perplexity" in results.get("float", {})
+    else ("cosine_mean")
+  )
+
+
 def table(results) -> str:
-  ref = results.get("float", {}).get("perplexity")
+  metric = _metric(results)
+  ref = results.get("float", {}).get(metric)
   lines = [
-    "| row | weights | activations | perplexity | vs float |",
+    f"| row | weights | activations | {metric} | vs float |",
     "|---|---|---|---|---|",
   ]
   for name in ROWS:
     r = results.get(name)
     if r is None:
       continue
-    rel = f"{100 * (r['perplexity'] / ref - 1):+.2f}%" if ref else ""
+    v = r[metric]
+    if metric == "perplexity":
+      rel = f"{100 * (v / ref - 1):+.2f}%" if ref else ""
+      cell = f"{v:.4f}"
+    else:
+      rel, cell = f"1 - cos = {1 - v:.2e}", f"{v:.5f}"
     pre = r.get("pre", "Hadamard" if r.get("hadamard") else "")
     w = r["weights"] + (f" ({pre})" if pre else "")
-    lines.append(
-      f"| {name} | {w} | {r['activations']} | {r['perplexity']:.4f} | {rel} |"
-    )
+    lines.append(f"| {name} | {w} | {r['activations']} | {cell} | {rel} |")
   return "\n".join(lines)
 
 
-def plot(results, path):
+def plot(results, path, title="SmolLM2-135M"):
   import matplotlib  # noqa: PLC0415
 
   matplotlib.use("Agg")
@@ -191,47 +274,61 @@ def plot(results, path):
   kinds = ("RTN", "RTN +H", "GPTQ", "GPTQ +H")
   width = 0.2
   for i, kind in enumerate(kinds):
-    ys = [
-      results.get(f"W4A4 {f} {kind}", {}).get("perplexity", float("nan"))
-      for f in fmts
-    ]
+    ys = [_error(results, results.get(f"W4A4 {f} {kind}")) for f in fmts]
     ax.bar([j + (i - 1.5) * width for j in range(3)], ys, width, label=kind)
-  ref = results["float"]["perplexity"]
-  ax.axhline(ref, color="k", lw=1, ls="--", label=f"float {ref:.2f}")
+  if _metric(results) == "perplexity":
+    ref = results["float"]["perplexity"]
+    ax.axhline(ref, color="k", lw=1, ls="--", label=f"float {ref:.2f}")
+    ax.set_ylabel("KJV perplexity (log scale)")
+  else:
+    ax.set_ylabel("1 - embedding cosine to float (log scale)")
   ax.set_xticks(range(3), fmts)
   ax.set_yscale("log")
-  ax.set_ylabel("KJV perplexity (log scale)")
-  ax.set_title("SmolLM2-135M, W4A4 (all Dense inputs and weights)")
+  ax.set_title(f"{title}, W4A4 (all Dense inputs and weights)")
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
 
+def _error(results, r) -> float:
+  if r is None:
+    return float("nan")
+  metric = _metric(results)
+  return r[metric] if metric == "perplexity" else 1 - r[metric]
+
+
 def main(argv):
   del argv
-  from configs import smollm2 as smollm2_config  # noqa: PLC0415
+  import importlib  # noqa: PLC0415
 
-  config = smollm2_config.get_config()
-  config.eval.windows = _EVAL.value
+  model = _MODEL.value
+  config = importlib.import_module(f"configs.{model}").get_config()
+  if model == "smollm2":
+    config.eval.windows = _EVAL.value
   config.layers = _LAYERS.value or None
   out = pathlib.Path(_OUT.value)
   results = json.loads(out.read_text()) if out.exists() else {}
-  params = tasks.get("smollm2").load(config)
-  wanted = [n.strip() for n in _ROWS.value.split(",") if n.strip()] or list(
-    ROWS
-  )
-  unknown = [n for n in wanted if n not in ROWS]
+  params = tasks.get(model).load(config)
+  rows = rows_for(model)
+  wanted = [n.strip() for n in _ROWS.value.split(",") if n.strip()]
+  if any("," in n for n in ROWS):
+    raise AssertionError("row names must not contain ',' (--rows splits on it)")
+  wanted = wanted or list(rows)
+  unknown = [n for n in wanted if n not in rows]
   if unknown:
-    raise app.UsageError(f"unknown rows {unknown}; known: {list(ROWS)}")
+    raise app.UsageError(f"unknown rows {unknown}; known: {list(rows)}")
+  if model == "minilm" and "float" not in wanted:
+    wanted.insert(0, "float")  # the reference embeddings
   cache = {}
   for name in wanted:
-    results[name] = measure(name, params, config, cache)
-    print(f"{name}: {results[name]['perplexity']:.4f}", flush=True)
+    results[name] = measure(name, params, config, cache, model)
+    print(f"{name}: {_error(results, results[name]):.6g}", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
   print(table(results))
   if _PLOT.value:
-    plot(results, _PLOT.value)
+    title = {"smollm2": "SmolLM2-135M", "minilm": "MiniLM-L6"}[model]
+    plot(results, _PLOT.value, title)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Parameter paths: the '/'-joined keys that rules match and files name."""
 
+import re
+
 
 def path_str(path) -> str:
   """'/'-joined keys of a jax tree path. The trailing '.value' of an NNX
@@ -17,3 +19,11 @@ def path_str(path) -> str:
     else:
       parts.append(str(k))
   return "/".join(parts)
+
+
+def check_regex(pattern: str, what: str = "rule pattern") -> None:
+  """Raises ValueError naming `what` when `pattern` is not a regex."""
+  try:
+    re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"{what} {pattern!r} is not a regex: {e}") from e

@@ -20,6 +20,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from qjax import paths
 from qjax.formats import names as format_names
 from qjax.formats.scaling import Scaling, per_channel, per_tensor
 from qjax.methods import base, names
@@ -54,12 +55,7 @@ class Rule:
       raise ValueError(
         f"rule {self.pattern!r}: nan_policy must be one of {NAN_POLICIES}"
       )
-    try:
-      re.compile(self.pattern)
-    except re.error as e:
-      raise ValueError(
-        f"rule pattern {self.pattern!r} is not a regex: {e}"
-      ) from e
+    paths.check_regex(self.pattern)
     if self.method is None:
       return
     if not isinstance(self.method, base.Chain):

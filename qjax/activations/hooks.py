@@ -15,6 +15,9 @@ A kernel stored in another basis brings its input transform along: for a
 SmoothQuant kernel (diag(s) W) the rule quantizes x / s, for a Hadamard one
 (R^T W) x R, and the layer receives the quantized value mapped back.
 
+The rules act when the model is traced: call (or jit) the model inside the
+context. A function jitted earlier, outside it, replays its old trace.
+
 Block granularity runs along the input's last axis: a layer that contracts
 another axis (DenseGeneral with axis != -1, an Einsum whose contracted
 label is not last) is an error naming its path.

@@ -66,6 +66,10 @@ class ActQuant:
       rotated (the qjax.Hadamard method stage).
     rotate_seed: R's random signs (hadamard.rotation); the weight's
       Hadamard stage must use the same.
+    orders: PIPE's input expansion (dynamic scales only): x ~ sum of
+      `orders` terms, term k the fake-quant of what the first k - 1 leave,
+      x - (t_1 + ... + t_{k-1}); each term is one low-bit matmul a deployment
+      runs in parallel.
   """
 
   fmt: object
@@ -77,6 +81,7 @@ class ActQuant:
   name: str = ""
   rotate: int | None = None
   rotate_seed: int | None = 0
+  orders: int = 1
 
   @property
   def granularity(self) -> str:
@@ -86,6 +91,8 @@ class ActQuant:
 
   def spec(self) -> str:
     kind = f"static-{self.observer}" if self.static else "dynamic"
+    if self.orders > 1:
+      kind += f"/x{self.orders}"
     turn = "" if self.rotate is None else f"/hadamard{self.rotate or ''}"
     if self.fmt is None:
       return "float" + turn
@@ -104,6 +111,7 @@ def act_quant(
   mse_ratios: tuple[float, ...] = DEFAULT_MSE_RATIOS,
   rotate: int | None = None,
   rotate_seed: int | None = 0,
+  orders: int = 1,
 ) -> ActQuant:
   """Builds an ActQuant.
 
@@ -117,7 +125,8 @@ def act_quant(
     block_size: elements per block along K.
     scale_format: how scales are stored (qjax.formats.Scaling).
     static: calibrated scales (see ActQuant).
-    observer, percentile, mse_ratios: see ActQuant.
+    observer, percentile, mse_ratios, rotate, rotate_seed, orders: see
+      ActQuant.
 
   Raises:
     ValueError: an unknown format, granularity or observer; an unsigned
@@ -179,6 +188,12 @@ def act_quant(
       f"{granularity!r} ({scaling.spec()}) measures its scales per call; "
       "use static=False, or granularity 'tensor'"
     )
+  if not isinstance(orders, int) or orders < 1:
+    raise ValueError(f"orders must be an integer >= 1, got {orders!r}")
+  if orders > 1 and static:
+    raise ValueError(
+      "input expansion (orders > 1) measures its scales per call"
+    )
   return ActQuant(
     element,
     scaling,
@@ -189,6 +204,7 @@ def act_quant(
     name,
     rotate,
     rotate_seed,
+    orders,
   )
 
 
@@ -262,10 +278,14 @@ def fake_quant(x, quant: ActQuant, scale=None) -> jax.Array:
   shape = jnp.shape(x)
   x2 = _rows(x)
   quant.scaling.block_shape(x2.shape)  # raises on a block that does not fit
-  grid = _grid(x2, quant, None if not quant.static else scale)
   fmt = rtn._saturating(quant.fmt)
-  codes = rtn.encode_grid(x2, fmt, grid)
-  return rtn.dequantize_with(codes, fmt, grid).reshape(shape)
+  total = None
+  for _ in range(quant.orders):  # PIPE's input expansion for orders > 1
+    residual = x2 if total is None else x2 - total
+    grid = _grid(residual, quant, None if not quant.static else scale)
+    term = rtn.dequantize_with(rtn.encode_grid(residual, fmt, grid), fmt, grid)
+    total = term if total is None else total + term
+  return total.reshape(shape)
 
 
 def codes_and_grid(x, quant: ActQuant, scale=None):
@@ -281,8 +301,8 @@ def bits_per_value(quant: ActQuant, k: int) -> float:
   (block scalings; tensor and token scales are counted as free)."""
   if quant.fmt is None:
     return 32.0
-  bits = quant.fmt.bits
+  bits = quant.fmt.bits * quant.orders
   if quant.scaling.mode == "block":
     blocks = math.ceil(k / quant.scaling.sizes[0])
-    bits += quant.scaling.scale_bits() * blocks / k
+    bits += quant.orders * quant.scaling.scale_bits() * blocks / k
   return bits

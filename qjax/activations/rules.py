@@ -11,6 +11,7 @@ qjax.activations.Tap placed where the cache is written (SmolLM2's
 import dataclasses
 import re
 
+from qjax import paths
 from qjax.activations import quantizer
 
 SKIP = "skip"
@@ -24,12 +25,7 @@ class ActRule:
   quant: quantizer.ActQuant | None
 
   def __post_init__(self):
-    try:
-      re.compile(self.pattern)
-    except re.error as e:
-      raise ValueError(
-        f"activation rule pattern {self.pattern!r} is not a regex: {e}"
-      ) from e
+    paths.check_regex(self.pattern, "activation rule pattern")
 
 
 def act_rule(pattern: str, fmt="int8", granularity="token", **kw) -> ActRule:

@@ -235,6 +235,35 @@ class FakeQuantTest(parameterized.TestCase):
     )
 
 
+class InputExpansionTest(parameterized.TestCase):
+  """PIPE's input expansion: term k is the fake-quant of what the first
+  k - 1 terms leave (NumPy reference), and the error shrinks per order."""
+
+  @parameterized.parameters(("int4", "token"), ("mxfp4", None))
+  def test_terms_quantize_the_residuals(self, name, granularity):
+    x = _activations(seed=7)
+    want, total, errors = None, np.zeros_like(x), []
+    for orders in (1, 2, 3):
+      residual = x - total
+      if granularity:
+        term = _reference(residual, name, formats.get(name), granularity)
+        quant = activations.act_quant(name, granularity, orders=orders)
+      else:
+        term = _mx_reference(residual, name)
+        quant = activations.act_quant(name, orders=orders)
+      total = (total + term).astype(np.float32)
+      want = total
+      got = np.asarray(activations.fake_quant(x, quant))
+      np.testing.assert_array_equal(got, want)
+      errors.append(float(np.abs(got - x).max()))
+    self.assertLess(errors[1], errors[0] / 4)
+    self.assertLess(errors[2], errors[1] / 4)
+    self.assertEqual(
+      activations.bits_per_value(quant, 64),
+      3 * (4.25 if not granularity else 4),
+    )
+
+
 class BadInputTest(absltest.TestCase):
   def test_errors_name_the_problem(self):
     with self.assertRaisesRegex(ValueError, "unsigned"):
@@ -249,6 +278,10 @@ class BadInputTest(absltest.TestCase):
       activations.act_quant("int8", "token", static=True)
     with self.assertRaisesRegex(ValueError, "unknown format"):
       activations.act_quant("int9000")
+    with self.assertRaisesRegex(ValueError, "orders must be an integer"):
+      activations.act_quant("int4", orders=0)
+    with self.assertRaisesRegex(ValueError, "measures its scales per call"):
+      activations.act_quant("int4", "tensor", static=True, orders=2)
     with self.assertRaisesRegex(ValueError, "observer"):
       activations.act_quant("int8", "tensor", static=True, observer="kl")
     static = activations.act_quant("int8", "tensor", static=True)

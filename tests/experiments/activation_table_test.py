@@ -33,6 +33,7 @@ class ActivationTableTest(absltest.TestCase):
       "W8A8 int8 tensor static p99.99",
       "W4A4 nvfp4 GPTQ +H",
       "W8A8 int8 token +SQ",
+      "W4A4 int4 PIPE o2 inputs x2",
       "KV int8",
     )
     cache, results = {}, {}
@@ -55,6 +56,10 @@ class ActivationTableTest(absltest.TestCase):
     )
     self.assertEqual(results["W4A4 nvfp4 GPTQ +H"]["pre"], "Hadamard")
     self.assertLess(abs(ppl["W8A8 int8 token +SQ"] / ppl["float"] - 1), 0.05)
+    self.assertEqual(
+      results["W4A4 int4 PIPE o2 inputs x2"]["activations"],
+      "int4/token/dynamic/x2",
+    )
     text = activation_table.table(results)
     self.assertIn("| KV int8 | float | int8/token/dynamic |", text)
     with tempfile.TemporaryDirectory() as d:
@@ -66,6 +71,27 @@ class ActivationTableTest(absltest.TestCase):
         }
       )
       activation_table.plot(results, f"{d}/p.png")
+
+
+class MiniLMRowsTest(absltest.TestCase):
+  def test_encoder_rows_score_embedding_cosine(self):
+    from configs import minilm as minilm_config  # noqa: PLC0415
+
+    config = minilm_config.get_config()
+    config.layers = 1
+    config.eval.sentences = 8
+    params = tasks.get("minilm").load(config)
+    rows = activation_table.rows_for("minilm")
+    self.assertNotIn("KV int8", rows)  # no cache taps in an encoder
+    cache = {}
+    got = {
+      n: activation_table.measure(n, params, config, cache, "minilm")
+      for n in ("float", "W8A8 int8 token", "W4A4 int4 RTN")
+    }
+    cos = {n: r["cosine_mean"] for n, r in got.items()}
+    self.assertAlmostEqual(cos["float"], 1.0, places=6)
+    self.assertGreater(cos["W8A8 int8 token"], 0.99)
+    self.assertLess(cos["W4A4 int4 RTN"], cos["W8A8 int8 token"])
 
 
 if __name__ == "__main__":
