@@ -16,13 +16,18 @@ Layers: the Fashion-MNIST CNN's conv2 and dense1 (conv1 and the 10-way
 classifier stay float, as the authors keep ResNet's stem and fc);
 MobileNetV2's stem 3x3 conv and every pointwise conv (expand, project,
 head). Depthwise convs (grouped; QAF's mapping is for ungrouped convs) and
-the classifier stay float. MobileNetV2's BatchNorm statistics are
+the classifier stay float. With --act (e.g. int8: the paper's A8) each arm's
+tree is also scored with every layer input fake-quantized (arm 'qaf@aint8';
+per token, dynamic scales; the values between a factorized layer's factors
+stay float). MobileNetV2's BatchNorm
+statistics are
 recalibrated on `--calib_images` crops of photos the evaluation never sees;
 every MobileNetV2 arm is scored without (`arm`) and with (`arm+bn`) it.
 """
 
 import csv
 import time
+from contextlib import nullcontext
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +35,7 @@ import numpy as np
 from absl import app, flags
 
 import qjax
+from qjax import activations
 from qjax import metrics as qmetrics
 from qjax.formats.scaling import per_channel
 from qjax.linen import factorized as cp_layers
@@ -58,6 +64,12 @@ if __name__ == "__main__":
     "from_csv", "", "only print the table (and plot) of these CSVs (,-joined)"
   )
   flags.DEFINE_string("plot", "", "write a PNG here")
+  flags.DEFINE_string(
+    "act",
+    "",
+    "quantize every layer input too: an element format (per-token dynamic "
+    "scales, e.g. int8 for the paper's A8); '' keeps activations float",
+  )
 
 PATTERNS = {
   "fmnist_cnn": r"^(conv2|dense1)/kernel$",
@@ -65,26 +77,43 @@ PATTERNS = {
 }
 
 
-@jax.jit
-def _fmnist_forward(params, x):
-  return cp_layers.apply(fmnist_cnn.CNN(), {"params": params}, x)
+def _act_recipe(fmt):
+  """Every layer input at `fmt`, per token (pixel) with dynamic scales."""
+  if not fmt:
+    return None
+  return activations.recipe(activations.act_rule("", fmt, "token"))
+
+
+def _forward(model, recipe):
+  """A jitted forward with `recipe`'s activation rules (traced inside)."""
+
+  def run(variables, x):
+    rules = activations.quantized_inputs(recipe) if recipe else nullcontext()
+    with rules:
+      return cp_layers.apply(model, variables, x)
+
+  return jax.jit(run)
 
 
 class FashionMnist:
   quality = "accuracy"
 
-  def __init__(self, calib_images, crops_per_photo):
+  def __init__(self, calib_images, crops_per_photo, act=""):
     del calib_images, crops_per_photo
     self.params = fmnist_cnn.load_params()
     self.x, self.y = fmnist_cnn.load_split("test")
-    self.ref = self._logits(self.params)
+    model = fmnist_cnn.CNN()
+    self._float = _forward(model, None)
+    self.act = act
+    self._run = _forward(model, _act_recipe(act))
+    self.ref = np.asarray(
+      self._float({"params": self.params}, jnp.asarray(self.x))
+    )
 
-  def _logits(self, params):
-    return np.asarray(_fmnist_forward(params, jnp.asarray(self.x)))
-
-  def score(self, params, recalibrate=True):
+  def score(self, params, recalibrate=True, act=False):
     del recalibrate  # no BatchNorm in this CNN
-    out = self._logits(params)
+    run = self._run if act else self._float
+    out = np.asarray(run({"params": params}, jnp.asarray(self.x)))
     return {
       "accuracy": qmetrics.accuracy(out, self.y),
       "kl": qmetrics.kl_divergence(self.ref, out),
@@ -94,13 +123,15 @@ class FashionMnist:
 class MobileNet:
   quality = "top1_agreement"
 
-  def __init__(self, calib_images, crops_per_photo):
+  def __init__(self, calib_images, crops_per_photo, act=""):
     variables = mobilenet_v2.load_variables()
     self.params, self.stats = variables["params"], variables["batch_stats"]
     self.images = jnp.asarray(mobilenet_v2.photos(crops_per_photo))
     self.calib = jnp.asarray(mobilenet_v2.calibration_images(calib_images))
     self.model = mobilenet_v2.MobileNetV2()
-    self._forward = jax.jit(lambda v, x: cp_layers.apply(self.model, v, x))
+    self.act = act
+    self._act_forward = _forward(self.model, _act_recipe(act))
+    self._forward = _forward(self.model, None)
     self._recal = jax.jit(
       lambda v, x: cp_layers.recalibrate_batchnorm(self.model, v, x)
     )
@@ -112,9 +143,10 @@ class MobileNet:
       "batch_stats": self.stats if stats is None else stats,
     }
 
-  def score(self, params, recalibrate=True):
+  def score(self, params, recalibrate=True, act=False):
     stats = self._recal(self._vars(params), self.calib) if recalibrate else None
-    out = np.asarray(self._forward(self._vars(params, stats), self.images))
+    run = self._act_forward if act else self._forward
+    out = np.asarray(run(self._vars(params, stats), self.images))
     return {
       "top1_agreement": qmetrics.top1_agreement(self.ref, out),
       "kl": qmetrics.kl_divergence(self.ref, out),
@@ -145,13 +177,17 @@ def run_one(task, name, rate, bits, sweeps, inner, arms, pattern, label=""):
   float_bytes = layer_bytes(task.params, pattern)
 
   def row(arm, tree, seconds, error=None):
-    if isinstance(task, MobileNet):
-      rows_for(arm, tree, seconds, error, recalibrate=False)
-      arm += "+bn"
-    rows_for(arm, tree, seconds, error, recalibrate=True)
+    # With --act, the same tree is scored with float and quantized
+    # activations (QAF's factors differ run to run in float32).
+    for act in (False, True) if task.act else (False,):
+      name = f"{arm}@a{task.act}" if act else arm
+      if isinstance(task, MobileNet):
+        rows_for(name, tree, seconds, error, recalibrate=False, act=act)
+      bn = "+bn" if isinstance(task, MobileNet) else ""
+      rows_for(name + bn, tree, seconds, error, recalibrate=True, act=act)
 
-  def rows_for(arm, tree, seconds, error, recalibrate):
-    metrics = task.score(tree, recalibrate=recalibrate)
+  def rows_for(arm, tree, seconds, error, recalibrate, act):
+    metrics = task.score(tree, recalibrate=recalibrate, act=act)
     nbytes = layer_bytes(tree, pattern)
     rows.append(
       {
@@ -258,7 +294,7 @@ def main(argv):
     return
   rows = []
   for name in f.models.split(","):
-    task = MODELS[name](f.calib_images, f.crops_per_photo)
+    task = MODELS[name](f.calib_images, f.crops_per_photo, f.act)
     base = task.score(task.params, recalibrate=False)
     print(f"{name} float: {base}")
     for rate in (float(r) for r in f.rates.split(",")):
@@ -286,11 +322,20 @@ def main(argv):
     plot(rows, f.plot)
 
 
+def _parts(arm: str) -> tuple[str, str, bool]:
+  """'rtn_int2@aint8+bn' -> ('rtn_int2', '@aint8', True)."""
+  bn = arm.endswith("+bn")
+  method, at, act = arm.removesuffix("+bn").partition("@")
+  return method, at + act, bn
+
+
 def _column(arm: str) -> str:
-  """'rtn_int2+bn' -> 'rtn+bn': one RTN column whatever its bit width."""
-  if arm.startswith("rtn"):
-    return "rtn" + ("+bn" if arm.endswith("+bn") else "")
-  return arm
+  """'rtn_int2@aint8+bn' -> 'rtn@aint8+bn': one RTN column whatever its
+  bit width."""
+  method, act, bn = _parts(arm)
+  if method.startswith("rtn"):
+    method = "rtn"
+  return method + act + ("+bn" if bn else "")
 
 
 def table(rows) -> str:
@@ -300,7 +345,7 @@ def table(rows) -> str:
   order = ["cp", "ftq", "qaf", "rtn"]
   columns = sorted(
     {_column(r["arm"]) for r in rows},
-    key=lambda c: (c.endswith("+bn"), order.index(c.removesuffix("+bn"))),
+    key=lambda c: (_parts(c)[2], _parts(c)[1], order.index(_parts(c)[0])),
   )
   lines = [
     f"| model | rate | bits | {' | '.join(columns)} | QAF bytes | RTN bytes |",
@@ -319,7 +364,7 @@ def table(rows) -> str:
         continue
       cell = f"{float(r[r['quality']]):.4g} / {float(r['kl']):.3g}"
       if c.startswith("rtn"):
-        cell += f" ({r['arm'][4:].removesuffix('+bn')})"
+        cell += f" ({_parts(r['arm'])[0][4:]})"
       cells.append(cell)
     qaf, rtn = by_column.get("qaf"), by_column.get("rtn")
     lines.append(

@@ -55,3 +55,18 @@ def test_table_is_the_same_from_csv_strings(tmp_path):
   for r in read:
     r["rate"] = float(r["rate"])
   assert qaf_models.table(read) == qaf_models.table(rows)
+
+
+def test_activation_quantized_arms_get_their_own_columns():
+  rows = [
+    _row("qaf", 0.88, 0.01, 60),
+    _row("qaf@aint8", 0.87, 0.02, 60),
+    _row("rtn_int2@aint8", 0.45, 1.3, 62),
+    _row("ftq@aint8", 0.85, 0.04, 60),
+  ]
+  lines = qaf_models.table(rows).splitlines()
+  assert lines[0] == (
+    "| model | rate | bits | qaf | ftq@aint8 | qaf@aint8 | rtn@aint8 "
+    "| QAF bytes | RTN bytes |"
+  )
+  assert "| 0.45 / 1.3 (int2) |" in lines[2]
