@@ -1,7 +1,12 @@
-"""Weight-and-activation quantization of SmolLM2-135M: KJV perplexity.
+"""Weight-and-activation quantization: SmolLM2-135M's KJV perplexity and
+MiniLM's embedding cosine to float.
 
-  python -m experiments.activation_table --out=docs/results/activations.json \
+  python -m experiments.activation_table \
+    --out=docs/results/activations_smollm2.json \
     --plot=docs/activations_smollm2.png
+  python -m experiments.activation_table --model=minilm \
+    --out=docs/results/activations_minilm.json \
+    --plot=docs/activations_minilm.png
 
 Every row quantizes the inputs of the 210 Dense layers (q, k, v, o, gate,
 up, down; the tied LM head stays float) and, for the KV rows, the keys
@@ -31,12 +36,13 @@ from qjax import activations as act
 from qjax import metrics as qmetrics
 from qjax.models import minilm, smollm2
 
-_OUT = flags.DEFINE_string("out", "docs/results/activations.json", "JSON")
-_PLOT = flags.DEFINE_string("plot", "", "write a PNG here")
-_ROWS = flags.DEFINE_string("rows", "", "only these rows (comma-separated)")
-_EVAL = flags.DEFINE_integer("eval_windows", 8, "evaluation windows of 512")
-_LAYERS = flags.DEFINE_integer("layers", 0, "first N blocks only (smoke runs)")
-_MODEL = flags.DEFINE_enum("model", "smollm2", ["smollm2", "minilm"], "model")
+if __name__ == "__main__":  # flags only for the program (tests import it)
+  flags.DEFINE_string("out", "docs/results/activations_smollm2.json", "JSON")
+  flags.DEFINE_string("plot", "", "write a PNG here")
+  flags.DEFINE_string("rows", "", "only these rows (comma-separated)")
+  flags.DEFINE_integer("eval_windows", 8, "evaluation windows of 512")
+  flags.DEFINE_integer("layers", 0, "first N blocks only (smoke runs)")
+  flags.DEFINE_enum("model", "smollm2", ["smollm2", "minilm"], "model")
 
 # Every Dense layer's input, per model.
 LAYERS = {
@@ -301,16 +307,17 @@ def main(argv):
   del argv
   import importlib  # noqa: PLC0415
 
-  model = _MODEL.value
+  f = flags.FLAGS
+  model = f.model
   config = importlib.import_module(f"configs.{model}").get_config()
   if model == "smollm2":
-    config.eval.windows = _EVAL.value
-  config.layers = _LAYERS.value or None
-  out = pathlib.Path(_OUT.value)
+    config.eval.windows = f.eval_windows
+  config.layers = f.layers or None
+  out = pathlib.Path(f.out)
   results = json.loads(out.read_text()) if out.exists() else {}
   params = tasks.get(model).load(config)
   rows = rows_for(model)
-  wanted = [n.strip() for n in _ROWS.value.split(",") if n.strip()]
+  wanted = [n.strip() for n in f.rows.split(",") if n.strip()]
   if any("," in n for n in ROWS):
     raise AssertionError("row names must not contain ',' (--rows splits on it)")
   wanted = wanted or list(rows)
@@ -326,9 +333,9 @@ def main(argv):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
   print(table(results))
-  if _PLOT.value:
+  if f.plot:
     title = {"smollm2": "SmolLM2-135M", "minilm": "MiniLM-L6"}[model]
-    plot(results, _PLOT.value, title)
+    plot(results, f.plot, title)
 
 
 if __name__ == "__main__":
