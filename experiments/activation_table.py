@@ -239,11 +239,11 @@ def measure(name, params, config, quantized_cache, model="smollm2"):
 
 
 def _metric(results) -> str:
-  return (
-    "perplexity"
-    if "perplexity" in results.get("float", {})
-    else ("cosine_mean")
-  )
+  """'perplexity' (SmolLM2) or 'cosine_mean' (MiniLM), from any row."""
+  for r in results.values():
+    if "perplexity" in r:
+      return "perplexity"
+  return "cosine_mean"
 
 
 def table(results) -> str:

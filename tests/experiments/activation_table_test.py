@@ -73,6 +73,17 @@ class ActivationTableTest(absltest.TestCase):
       activation_table.plot(results, f"{d}/p.png")
 
 
+class MetricTest(absltest.TestCase):
+  def test_metric_is_read_from_any_row(self):
+    # a --rows run into a fresh file has no 'float' row
+    self.assertEqual(
+      activation_table._metric({"KV int8": {"perplexity": 7.0}}), "perplexity"
+    )
+    self.assertEqual(
+      activation_table._metric({"W8A8": {"cosine_mean": 0.9}}), "cosine_mean"
+    )
+
+
 class MiniLMRowsTest(absltest.TestCase):
   def test_encoder_rows_score_embedding_cosine(self):
     from configs import minilm as minilm_config  # noqa: PLC0415
