@@ -14,6 +14,20 @@ Every experiment config has the same fields:
                     authors' default for this grid" (experiments.run_lib).
   recipe            None, or {'rules': [...]} to override all of the above
                     (qjax.Recipe.from_config).
+  act               activation quantization (qjax.activations), off while
+                    act.format is '': act.format / granularity /
+                    block_size / static / observer / percentile / rotate
+                    for the model's layer inputs (act.pattern, '' = the
+                    task's linear layers), act.kv_format for an LM's KV
+                    cache, act.calib_batches for static scales, and
+                    act.weights_see: calibrated weight methods run their
+                    forward passes under the rules (qjax.quantize's
+                    `activations`).
+  act_recipe        None, or {'rules': [...]} overriding act's rule
+                    (qjax.activations.ActRecipe.from_config).
+  hadamard, smoothquant
+                    the pre-transforms' knobs ('hadamard+gptq',
+                    'smoothquant+rtn', ... in `method`).
   name              '' = derived from the fields when the run starts, so
                     every override renames the run.
 
@@ -47,6 +61,9 @@ ALIASES = {
   "calib_sentences": ("calib.sentences",),
   "crops_per_photo": ("eval.crops_per_photo",),
   "calib_images": ("calib.images",),
+  "act": ("act.format",),
+  "kv": ("act.kv_format",),
+  "alpha": ("smoothquant.alpha",),
 }
 
 
@@ -100,7 +117,23 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   # what 2 cores afford (docs/qaf.md).
   c.qaf = {"rate": 2.0, "sweeps": 20, "inner": 60}
   c.ftq = {"rate": 2.0}
+  c.hadamard = {"block": 0, "seed": 0}  # 0: the layer's width
+  c.smoothquant = {"alpha": 0.5}  # the paper's default, Eq. (4)
   c.recipe = None
+  c.act = {
+    "format": "",  # '' = float activations
+    "granularity": "token",  # 'tensor' | 'token' | 'block'
+    "block_size": 0,  # 'block' granularity only
+    "static": False,  # False: scales computed on the fly
+    "observer": "minmax",  # static scales: 'minmax' | 'percentile' | 'mse'
+    "percentile": 99.99,
+    "rotate": -1,  # -1: none; 0: Hadamard of the input's width; b: blocks
+    "pattern": "",  # '' = the task's act_pattern
+    "kv_format": "",  # an LM's keys and values, per token along the head dim
+    "calib_batches": 4,  # calibration batches for static scales
+    "weights_see": False,  # weight calibration under the activation rules
+  }
+  c.act_recipe = None
   c.save_checkpoint = True
   return c
 

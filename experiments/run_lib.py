@@ -17,6 +17,7 @@ import time
 import qjax
 from configs import common
 from experiments import tasks
+from qjax import activations as act
 from qjax import formats
 from qjax import metrics as qmetrics
 from qjax.io import checkpoint
@@ -36,6 +37,8 @@ METHODS = {
   "ftq": ("ftq",),
 }
 FACTORIZED = ("qaf", "ftq")
+# Pre-transforms that go in front of any method above ('hadamard+gptq').
+PRE_TRANSFORMS = ("hadamard", "smoothquant")
 CSV_FIELDS = (
   "name",
   "model",
@@ -66,11 +69,23 @@ def _grid(config) -> tuple[int, int | None]:
 
 
 def _stages(config) -> tuple[str, ...]:
-  if config.method not in METHODS:
+  """The stages of config.method: pre-transforms, then a METHODS entry."""
+  parts = config.method.split("+")
+  pre = []
+  while parts and parts[0] in PRE_TRANSFORMS:
+    pre.append(parts.pop(0))
+  rest = "+".join(parts)
+  if rest not in METHODS or len(set(pre)) != len(pre):
     raise ValueError(
-      f"unknown method {config.method!r}; choices: {', '.join(METHODS)}"
+      f"unknown method {config.method!r}; choices: {', '.join(METHODS)}, "
+      f"each optionally after {' / '.join(p + '+' for p in PRE_TRANSFORMS)}"
     )
-  return METHODS[config.method]
+  if pre and rest in FACTORIZED:
+    raise ValueError(
+      f"method {config.method!r}: {rest} factorizes the kernel and takes "
+      "no pre-transform"
+    )
+  return (*pre, *METHODS[rest])
 
 
 def stage_options(config) -> dict:
@@ -180,6 +195,65 @@ def recipe_from_config(config) -> qjax.Recipe:
   return qjax.Recipe.from_config(recipe_config(config))
 
 
+def act_recipe_from_config(config, task=None):
+  """The config's activation rules (qjax.activations.ActRecipe), or None
+  when activations stay float: config.act_recipe when set, else one rule
+  for the layer inputs act.pattern matches ('' = the task's act_pattern)
+  and, with act.kv_format, one per-token rule for the KV-cache taps."""
+  if config.get("act_recipe"):
+    return act.ActRecipe.from_config(config.act_recipe)
+  a = config.get("act")
+  if a is None or not (a.format or a.kv_format):
+    return None
+  task = task or tasks.get(config.model)
+  rules = []
+  if a.kv_format:
+    if not hasattr(task, "kv_pattern"):
+      raise ValueError(
+        f"act.kv_format={a.kv_format!r}: {task.name!r} has no KV cache"
+      )
+    rules.append(act.act_rule(task.kv_pattern, a.kv_format, "token"))
+  if a.format:
+    options = {}
+    if a.granularity == "block" or a.block_size:
+      options["block_size"] = a.block_size or None
+    if a.static:
+      options.update(static=True, observer=a.observer)
+      if a.observer == "percentile":
+        options["percentile"] = a.percentile
+    if a.rotate >= 0:
+      options["rotate"] = a.rotate
+    pattern = a.pattern or task.act_pattern
+    rules.append(act.act_rule(pattern, a.format, a.granularity, **options))
+  return act.ActRecipe(tuple(rules))
+
+
+def _act_name(config) -> str:
+  if config.get("act_recipe"):
+    return "_actrecipe"
+  a = config.get("act")
+  if a is None or not (a.format or a.kv_format):
+    return ""
+  out = ""
+  if a.format:
+    out += f"_a{a.format}"
+    if a.granularity != "token":
+      out += f"-{a.granularity}{a.block_size or ''}"
+    if a.static:
+      out += f"-{a.observer}"
+      if a.observer == "percentile":
+        out += f"{a.percentile:g}"
+    if a.rotate >= 0:
+      out += f"-rot{a.rotate or ''}"
+    if a.pattern:
+      out += "-custom"
+  if a.kv_format:
+    out += f"_kv{a.kv_format}"
+  if a.weights_see:
+    out += "_aware"
+  return out
+
+
 def run_name(config) -> str:
   """config.name, or one derived from every field a run depends on."""
   if config.name:
@@ -204,6 +278,11 @@ def run_name(config) -> str:
       out += f"_rate{config[stage].rate:g}"
   if config.clip_ratios:
     out += "_clip"
+  if "smoothquant" in stages:
+    out += f"_sq{config.smoothquant.alpha:g}"
+  if "hadamard" in stages:
+    out += "_had"
+  out += _act_name(config)
   if "magr" in stages:
     if config.magr.statistics == "last_sample":
       out += "_last"
@@ -214,6 +293,7 @@ def run_name(config) -> str:
   # Any other method knob off its default names itself.
   defaults = common.base_config(config.model)
   handled = {
+    ("smoothquant", "alpha"),
     ("pipe", "order"),
     ("pipe", "keep"),
     ("ed", "adjust"),
@@ -251,12 +331,35 @@ def _float_scores(task, params, config):
   return _FLOAT_CACHE[key]
 
 
+def _act_scales(task, params, qparams, config, recipe):
+  """Static activation scales, observed on the quantized model's inputs
+  (qjax.activations.calibrate), or None for dynamic rules."""
+  if recipe is None or not recipe.static:
+    return None
+  if not hasattr(task, "calibration_batches"):
+    raise ValueError(
+      f"static activation scales need calibration batches, which "
+      f"{task.name!r} has none of; use dynamic scales (act.static=False)"
+    )
+  batches = task.calibration_batches(config)[: config.act.calib_batches]
+  variables = {"params": qparams, **task.collections()}
+  return act.calibrate(task.module(params), variables, batches, recipe)
+
+
 def run(config, workdir) -> dict:
   """Quantizes config.model with the config's recipe; returns the metrics."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   task = tasks.get(config.model)
   recipe = recipe_from_config(config)
+  act_recipe = act_recipe_from_config(config, task)
+  weights_see = bool(config.get("act", {}).get("weights_see", False))
+  if weights_see and act_recipe is None:
+    raise ValueError("act.weights_see needs act.format (or act_recipe)")
+  if weights_see and not recipe.needs_calibration:
+    raise ValueError(
+      f"act.weights_see: method {config.method!r} is not calibrated"
+    )
   params = task.load(config)
   reference, float_scores = _float_scores(task, params, config)
   start = time.perf_counter()
@@ -274,13 +377,34 @@ def run(config, workdir) -> dict:
     precision = config.get("calib", {}).get("precision", "float32")
     if recipe.needs_two_streams:
       precision = "float32"
+    extra = {}
+    if weights_see:
+      # Static scales come from the float model here: the quantized one
+      # does not exist yet.
+      extra = {
+        "activations": act_recipe,
+        "act_scales": _act_scales(task, params, params, config, act_recipe),
+      }
     qparams = qjax.quantize(
-      params, recipe, calib=calib, progress=True, calib_precision=precision
+      params,
+      recipe,
+      calib=calib,
+      progress=True,
+      calib_precision=precision,
+      **extra,
     )
   else:
     qparams = qjax.quantize(params, recipe, progress=True)
   seconds = time.perf_counter() - start
-  q_scores = task.score(qjax.dequantize(qparams), config, reference)
+  if act_recipe is None:
+    q_scores = task.score(qjax.dequantize(qparams), config, reference)
+  else:
+    # The quantized tree itself: a Hadamard or SmoothQuant kernel brings its
+    # input transform to the activation rule (qjax.activations.hooks).
+    scales = _act_scales(task, params, qparams, config, act_recipe)
+    q_scores = task.score(
+      qparams, config, reference, activations=act_recipe, act_scales=scales
+    )
   layer_stats = {
     p: s for p, s in qjax.stats(qparams, params).items() if s["quantized"]
   }
@@ -290,6 +414,7 @@ def run(config, workdir) -> dict:
     "method": config.method,
     "format": format_name(config),
     "recipe": repr(recipe),
+    "activations": None if act_recipe is None else repr(act_recipe),
     "float": float_scores,
     "quantized": q_scores,
     "quality_metric": task.quality,

@@ -3,6 +3,15 @@
 `reference(params, config)` computes what the float model produces (or None);
 `score(params, config, reference)` returns metrics for any parameter tree.
 `quality` names the headline metric and `higher_is_better` its direction.
+
+Activation quantization: `score(..., activations=recipe, act_scales=...)`
+runs the model through qjax.apply under the rules (a fresh jit per call,
+since a function jitted without them would replay its old trace), on a tree
+that may keep its quantized leaves (a Hadamard or SmoothQuant kernel
+transforms its own input). `module(params)` and `collections()` give the
+Linen model and its other variables (for qjax.activations.calibrate);
+`act_pattern` matches the inputs a config's activation rule quantizes by
+default, and an LM's `kv_pattern` its KV-cache taps.
 """
 
 import functools
@@ -11,15 +20,40 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import qjax
 from qjax import datasets
 from qjax import metrics as qmetrics
 from qjax.models import fmnist_cnn, minilm, mobilenet_v2, smollm2
+
+
+def _act_apply(module, collections, activations, scales):
+  """fn(params, *inputs): the model under the activation rules, jitted
+  afresh (see the module docstring)."""
+  return jax.jit(
+    lambda p, *xs: qjax.apply(
+      module,
+      {"params": p, **collections},
+      *xs,
+      activations=activations,
+      act_scales=scales,
+      mode="dequantize",
+    )
+  )
 
 
 class SmolLM2Task:
   name = "smollm2"
   quality = "perplexity"
   higher_is_better = False
+  # The 210 Dense inputs (the tied LM head stays float) and the KV cache.
+  act_pattern = r"/(q|k|v|o|gate|up|down)$"
+  kv_pattern = r"/(k_cache|v_cache)$"
+
+  def module(self, params):
+    return smollm2.model_for(params)
+
+  def collections(self):
+    return {}
 
   def load(self, config):
     return smollm2.load_params(layers=config.layers or None)
@@ -52,9 +86,13 @@ class SmolLM2Task:
     windows = qmetrics.token_windows(ids, window, count * runs, from_end=True)
     return [jnp.asarray(w[None]) for w in windows[:count]]
 
-  def score(self, params, config, reference):
+  def score(self, params, config, reference, activations=None, act_scales=None):
     windows = self._windows(config.eval.window, config.eval.windows)
-    ppl = qmetrics.perplexity(lambda w: smollm2.logits(params, w), windows)
+    if activations is None:
+      fn = smollm2.logits
+    else:
+      fn = _act_apply(self.module(params), {}, activations, act_scales)
+    ppl = qmetrics.perplexity(lambda w: fn(params, w), windows)
     return {"perplexity": ppl}
 
 
@@ -62,6 +100,14 @@ class MiniLMTask:
   name = "minilm"
   quality = "cosine_mean"
   higher_is_better = True
+  act_pattern = r"/(query|key|value|attn_out|ffn_in|ffn_out)$"
+
+  def module(self, params):
+    layers = sum(k.startswith("layer_") for k in params)
+    return minilm.MiniLM(minilm.Config(layers=layers))
+
+  def collections(self):
+    return {}
 
   def load(self, config):
     params = minilm.load_params()
@@ -98,18 +144,22 @@ class MiniLMTask:
       minilm.encode(tok, tail[i : i + size]) for i in range(0, count, size)
     ]
 
-  def _embed(self, params, config):
+  def _embed(self, params, config, activations=None, act_scales=None):
     ids, mask = self._batch(config.eval.sentences)
-    layers = sum(k.startswith("layer_") for k in params)
-    model = minilm.MiniLM(minilm.Config(layers=layers))
-    states = jax.jit(model.apply)({"params": params}, ids, mask)
+    model = self.module(params)
+    if activations is None:
+      states = jax.jit(model.apply)({"params": params}, ids, mask)
+    else:
+      fn = _act_apply(model, {}, activations, act_scales)
+      states = fn(params, ids, mask)
     return np.asarray(minilm.sentence_embedding(states, mask))
 
   def reference(self, params, config):
     return self._embed(params, config)
 
-  def score(self, params, config, reference):
-    cos = qmetrics.cosine_similarity(self._embed(params, config), reference)
+  def score(self, params, config, reference, activations=None, act_scales=None):
+    emb = self._embed(params, config, activations, act_scales)
+    cos = qmetrics.cosine_similarity(emb, reference)
     return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
 
 
@@ -119,6 +169,16 @@ class MobileNetV2Task:
   name = "mobilenet_v2"
   quality = "top1_agreement"
   higher_is_better = True
+  # Every conv's and the classifier's input but the stem's (the image).
+  act_pattern = (
+    r"(block_\d+/(expand|depthwise|project)/conv|head/conv|classifier)$"
+  )
+
+  def module(self, params):
+    return mobilenet_v2.MobileNetV2()
+
+  def collections(self):
+    return {"batch_stats": self._batch_stats}
 
   def load(self, config):
     variables = mobilenet_v2.load_variables()
@@ -136,15 +196,22 @@ class MobileNetV2Task:
       jnp.asarray(images[i : i + size]) for i in range(0, len(images), size)
     ]
 
-  def _logits(self, params, config):
+  def _logits(self, params, config, activations=None, act_scales=None):
     images = mobilenet_v2.photos(config.eval.crops_per_photo)
-    return np.asarray(mobilenet_v2.logits(params, self._batch_stats, images))
+    if activations is None:
+      out = mobilenet_v2.logits(params, self._batch_stats, images)
+    else:
+      fn = _act_apply(
+        self.module(params), self.collections(), activations, act_scales
+      )
+      out = fn(params, images)
+    return np.asarray(out)
 
   def reference(self, params, config):
     return self._logits(params, config)
 
-  def score(self, params, config, reference):
-    out = self._logits(params, config)
+  def score(self, params, config, reference, activations=None, act_scales=None):
+    out = self._logits(params, config, activations, act_scales)
     return {
       "top1_agreement": qmetrics.top1_agreement(reference, out),
       "kl": qmetrics.kl_divergence(reference, out),
@@ -157,6 +224,13 @@ class FashionMnistTask:
   name = "fmnist_cnn"
   quality = "accuracy"
   higher_is_better = True
+  act_pattern = r"(conv|dense)"
+
+  def module(self, params):
+    return fmnist_cnn.CNN()
+
+  def collections(self):
+    return {}
 
   def load(self, config):
     return fmnist_cnn.load_params()
@@ -169,9 +243,13 @@ class FashionMnistTask:
   def reference(self, params, config):
     return np.asarray(fmnist_cnn.logits(params, self._test()[0]))
 
-  def score(self, params, config, reference):
+  def score(self, params, config, reference, activations=None, act_scales=None):
     x, y = self._test()
-    out = np.asarray(fmnist_cnn.logits(params, x))
+    if activations is None:
+      out = np.asarray(fmnist_cnn.logits(params, x))
+    else:
+      fn = _act_apply(self.module(params), {}, activations, act_scales)
+      out = np.asarray(fn(params, x))
     return {
       "accuracy": qmetrics.accuracy(out, y),
       "top1_agreement": qmetrics.top1_agreement(reference, out),

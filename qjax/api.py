@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from qjax import calibration, dispatch, qtensor
+from qjax.activations import hooks as act_hooks
 from qjax.methods.base import Stats
 from qjax.paths import path_str
 from qjax.recipe import Recipe
@@ -44,6 +45,8 @@ def quantize(
   report_unused: bool = True,
   allow_unquantized: bool = False,
   calib_precision: str = "float32",
+  activations=None,
+  act_scales=None,
 ):
   """Quantizes every leaf a rule of `recipe` decides; others pass through.
 
@@ -71,6 +74,16 @@ def quantize(
       forward passes and H in float64 so that the statistics (and GPTQ's
       codes) do not depend on the machine's instruction set
       (calibration.quantize_sequential; Hessian methods only).
+    activations: a qjax.activations.ActRecipe (with `calib` only): the
+      calibration passes run under these activation rules, so a
+      calibrated method sees the inputs of the quantized model: each
+      block's inputs come from earlier blocks with quantized weights and
+      quantized activations, and each layer's statistics (H, or ED's and
+      GPFQ's X~) from its input as its rule quantizes it. A kernel that a
+      Hadamard or SmoothQuant stage will transform is still float here, so
+      the rule quantizes its input in the model's basis.
+    act_scales: static scales for `activations`
+      (qjax.activations.calibrate on the float model).
     report_unused: warn about rules that matched nothing.
     allow_unquantized: return the tree unchanged when no leaf matches a
       quantizing rule (otherwise that is an error).
@@ -96,6 +109,19 @@ def quantize(
       ),
     )
   used = set()
+  if activations is None and act_scales is not None:
+    raise ValueError("act_scales given without activations")
+  if activations is not None and calib is None:
+    raise ValueError(
+      "activations= applies to calibration passes: give calib=(model, "
+      "batches) too (qjax.apply(..., activations=) quantizes inputs at "
+      "inference)"
+    )
+  hook = (
+    None
+    if activations is None
+    else act_hooks.calibration_hook(activations, act_scales)
+  )
   if calib is not None:
     if hessians is not None or grams is not None:
       raise ValueError("pass either calib or hessians/grams, not both")
@@ -108,7 +134,13 @@ def quantize(
           "GPFQ) calibrate in float32 only"
         )
       out = calibration.quantize_two_stream(
-        params, recipe, walk, batches, progress=progress, used=used
+        params,
+        recipe,
+        walk,
+        batches,
+        progress=progress,
+        used=used,
+        input_hook=hook,
       )
     else:
       out = calibration.quantize_sequential(
@@ -120,6 +152,7 @@ def quantize(
         progress=progress,
         used=used,
         precision=calib_precision,
+        input_hook=hook,
       )
     out = _as_state(state, out)
   else:

@@ -6,6 +6,8 @@ method runs the same way whichever collected its statistics.
 Errors and warnings a method raises come out naming the parameter path.
 """
 
+import dataclasses
+import math
 import warnings
 from collections.abc import Callable
 
@@ -20,6 +22,7 @@ from qjax.methods import base
 from qjax.paths import path_str
 from qjax.quantizers import rtn as rtn_lib
 from qjax.recipe import Recipe, Rule
+from qjax.transforms import rotated, smoothquant
 
 
 def check_finite(path: str, w, nan_policy: str):
@@ -116,6 +119,17 @@ def _run_as_matrix(rule: Rule, w, stats) -> base.Result:
 
 
 def _view_back(leaf, shape, rule):
+  if isinstance(leaf, (rotated.Rotated, smoothquant.Smoothed)):
+    # An input-channel transform: exact for a kernel whose matrix rows are
+    # its input channels (1x1 convs); a wider conv's rows are patches.
+    if math.prod(shape[:-2]) != 1:
+      raise ValueError(
+        f"method {rule.method_name!r} transforms input channels, which a "
+        f"kernel {tuple(shape)} mixes with its taps; use it on Dense and "
+        "1x1 conv kernels"
+      )
+    inner = _view_back(leaf.inner, shape, rule)
+    return dataclasses.replace(leaf, inner=inner, shape=tuple(shape))
   if not qtensor.is_qtensor(leaf):
     raise ValueError(
       f"method {rule.method_name!r} on a kernel {tuple(shape)} gives a "

@@ -138,12 +138,14 @@ def _scale_of(scales, path, quant):
   return scales[path]
 
 
-def handler(recipe, scales=None, observe=None):
+def handler(recipe, scales=None, observe=None, prefix=""):
   """The interception handler: fake-quant (or, with `observe(path, quant,
-  x)`, observation of the float input) of every matched layer input."""
+  x)`, observation of the float input) of every matched layer input.
+  `prefix` is joined in front of each module path (a block run by itself
+  during calibration: 'layer_3' + 'attn/q')."""
 
   def run(module, next_fun, args, kwargs):
-    path = intercept.path(module)
+    path = "/".join(p for p in (prefix, intercept.path(module)) if p)
     quant = recipe.match(path)
     if quant is None or not args:
       return next_fun(*args, **kwargs)
@@ -163,7 +165,9 @@ def handler(recipe, scales=None, observe=None):
   return run
 
 
-def quantized_inputs(recipe, scales=None, *, root=None, observe=None):
+def quantized_inputs(
+  recipe, scales=None, *, root=None, observe=None, prefix=""
+):
   """A context in which the matched layer inputs are fake-quantized.
 
   Args:
@@ -171,13 +175,26 @@ def quantized_inputs(recipe, scales=None, *, root=None, observe=None):
     scales: {layer path: stored static scale} from calibrate (static rules).
     root: the NNX model that will be called (None for Linen).
     observe: calibration only (see handler).
+    prefix: the path of the called module inside the whole model, when a
+      part of it runs by itself (rules and scales name whole-model paths).
   """
-  run = handler(recipe, scales, observe)
+  run = handler(recipe, scales, observe, prefix)
   if root is None:
     return intercept.calls(run, is_hooked)
   if not isinstance(root, nnx.Module):
     raise TypeError(f"root must be an nnx.Module, got {type(root).__name__}")
   return intercept.nnx_calls(root, run, is_hooked)
+
+
+def calibration_hook(recipe, scales=None):
+  """hook(prefix, root) -> quantized_inputs(recipe, scales, root=root,
+  prefix=prefix): what qjax.quantize(..., activations=) hands the
+  calibration drivers (qjax.calibration.blocks)."""
+
+  def hook(prefix, root=None):
+    return quantized_inputs(recipe, scales, root=root, prefix=prefix)
+
+  return hook
 
 
 def maybe(recipe, scales=None, *, root=None):

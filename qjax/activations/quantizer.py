@@ -112,6 +112,7 @@ def act_quant(
   rotate: int | None = None,
   rotate_seed: int | None = 0,
   orders: int = 1,
+  ragged: bool = False,
 ) -> ActQuant:
   """Builds an ActQuant.
 
@@ -127,6 +128,9 @@ def act_quant(
     static: calibrated scales (see ActQuant).
     observer, percentile, mse_ratios, rotate, rotate_seed, orders: see
       ActQuant.
+    ragged: blocks only: an input width that is no multiple of the block
+      ends in a short block (the MX spec's zero padding gives the same
+      values); otherwise that is an error.
 
   Raises:
     ValueError: an unknown format, granularity or observer; an unsigned
@@ -152,6 +156,7 @@ def act_quant(
     if block_size is not None:
       raise ValueError(f"{fmt!r} fixes its own block size; do not pass one")
     element, scaling = format_names.block_format(fmt, axis=1)
+    scaling = dataclasses.replace(scaling, ragged=bool(ragged))
   else:
     element = format_names.get(fmt)
     if granularity not in GRANULARITIES:
@@ -161,10 +166,13 @@ def act_quant(
     if granularity == "block":
       if block_size is None:
         raise ValueError("granularity 'block' needs block_size")
-      scaling = Scaling("block", (1,), (int(block_size),), scale_format)
-    elif block_size is not None:
+      scaling = Scaling(
+        "block", (1,), (int(block_size),), scale_format, ragged=bool(ragged)
+      )
+    elif block_size is not None or ragged:
       raise ValueError(
-        f"block_size applies to granularity 'block', not {granularity!r}"
+        f"block_size and ragged apply to granularity 'block', not "
+        f"{granularity!r}"
       )
     elif granularity == "token":
       scaling = Scaling("channel", (0,), (), scale_format)

@@ -17,8 +17,19 @@ qjax.calibration.discover finds in any Linen or NNX model) answers:
                                the block's linear layers, in call order;
   layer_stats(name, layer, float block, quantized block, float call,
               quantized call)  (G, C, sum X, sum X~, rows) of one layer.
+
+Activation rules (qjax.quantize(..., activations=)): a driver runs the
+quantized model's passes inside `input_hook(hook)`, and the walks run every
+block (and every re-run of the model) inside `under_hook(block name,
+root)`, so the block's matched layer inputs are fake-quantized under their
+whole-model paths; a walk's statistics then see those quantized inputs.
+layer_stats applies the hook to the quantized call only: the float stream
+is the target. A walk that does this sets `applies_input_hook = True`.
 """
 
+import contextlib
+import contextvars
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -26,6 +37,36 @@ import flax.linen as nn
 import jax
 
 from qjax.calibration import capture
+
+# hook(prefix, root) -> a context manager; see the module docstring.
+_INPUT_HOOK = contextvars.ContextVar(
+  "qjax_calibration_input_hook", default=None
+)
+
+
+@contextlib.contextmanager
+def input_hook(hook):
+  """Runs the block walks inside under the activation rules of `hook`
+  (qjax.activations.hooks.calibration_hook; None: no rules)."""
+  token = _INPUT_HOOK.set(hook)
+  try:
+    yield
+  finally:
+    _INPUT_HOOK.reset(token)
+
+
+def hook_for(prefix: str):
+  """enter(root) -> context, the active hook for a block named `prefix`
+  (a hashable static argument for jit), or None without rules."""
+  hook = _INPUT_HOOK.get()
+  return None if hook is None else functools.partial(hook, prefix)
+
+
+def under_hook(prefix: str, root=None):
+  """The active rules' context for a run of block `prefix` (root: the NNX
+  module run), or a no-op."""
+  enter = hook_for(prefix)
+  return contextlib.nullcontext() if enter is None else enter(root)
 
 
 class BlockModel(NamedTuple):
@@ -65,6 +106,10 @@ class BlockModel(NamedTuple):
     return [(x, *self.block_args(b)) for x, b in zip(xs, batches, strict=True)]
 
   # The walk (see the module docstring); calls are (args, kwargs) pairs.
+  # The embedding runs outside the rules (a BlockModel's embed is a plain
+  # function): they reach the blocks' layers.
+
+  applies_input_hook = True
 
   @property
   def names(self) -> tuple[str, ...]:
@@ -81,7 +126,10 @@ class BlockModel(NamedTuple):
 
   def run(self, name, block, call):
     args, kwargs = call
-    return self.module(name).apply(self.variables(name, block), *args, **kwargs)
+    with under_hook(name):
+      return self.module(name).apply(
+        self.variables(name, block), *args, **kwargs
+      )
 
   def hessians(self, name, block, calls, absmax_out=None) -> dict:
     h, _ = capture.dense_hessians(
@@ -89,6 +137,7 @@ class BlockModel(NamedTuple):
       self.variables(name, block),
       [args for args, _ in calls],
       absmax_out=absmax_out,
+      enter=hook_for(name),
     )
     return h
 
@@ -101,5 +150,12 @@ class BlockModel(NamedTuple):
     extra = self.variables(name, None)
     extra.pop("params")
     return capture.two_stream_stats(
-      self.module(name), layer, p_float, p_quant, extra, call_f[0], call_q[0]
+      self.module(name),
+      layer,
+      p_float,
+      p_quant,
+      extra,
+      call_f[0],
+      call_q[0],
+      enter_quant=hook_for(name),
     )

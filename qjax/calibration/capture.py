@@ -10,6 +10,7 @@ with G > 1 feature groups gets statistics per group ([G, d, d]).
                     under the float and the quantized parameters.
 """
 
+import contextlib
 import functools
 from collections.abc import Sequence
 
@@ -70,8 +71,11 @@ def _sow_gram(module, next_fun, args, kwargs):
   return next_fun(*args, **kwargs)
 
 
-def _capture(module, variables, args, kwargs=None, static=()):
-  with intercept.calls(_sow_gram, linear_layers.is_linear):
+def _capture(module, variables, args, kwargs=None, static=(), enter=None):
+  # Activation rules are entered first, so they see each call first and
+  # the statistics see the quantized input (qjax.calibration.blocks).
+  rules = contextlib.nullcontext() if enter is None else enter(None)
+  with rules, intercept.calls(_sow_gram, linear_layers.is_linear):
     out, state = module.apply(
       variables,
       *args,
@@ -82,7 +86,7 @@ def _capture(module, variables, args, kwargs=None, static=()):
   return out, state.get("calibration", {})  # {} for blocks without a layer
 
 
-_capture_jit = jax.jit(_capture, static_argnums=(0, 4))
+_capture_jit = jax.jit(_capture, static_argnums=(0, 4, 5))
 
 
 def split_kwargs(kwargs) -> tuple[dict, tuple]:
@@ -113,6 +117,7 @@ def dense_hessians(
   prefix: str = "",
   kwargs: bool = False,
   absmax_out: dict | None = None,
+  enter=None,
 ) -> tuple[dict[str, jax.Array], list]:
   """Streams H = (2/n) X^T X for every linear layer of `module`.
 
@@ -125,6 +130,8 @@ def dense_hessians(
     kwargs: whether each batch is an (args, kwargs) pair.
     absmax_out: if given, filled with {kernel path: max |X| per input
       column [in]} over all batches (SmoothQuant's statistic).
+    enter: enter(None) -> the activation rules' context the passes run in
+      (qjax.calibration.blocks.hook_for), or None.
 
   Returns:
     ({kernel path: H [in, in], or [G, d, d] for a grouped conv},
@@ -135,9 +142,11 @@ def dense_hessians(
     if kwargs:
       args, kw = call
       arrays, static = split_kwargs(kw)
-      out, stats = _capture_jit(module, variables, tuple(args), arrays, static)
+      out, stats = _capture_jit(
+        module, variables, tuple(args), arrays, static, enter
+      )
     else:
-      out, stats = _capture_jit(module, variables, tuple(call))
+      out, stats = _capture_jit(module, variables, tuple(call), None, (), enter)
     outputs.append(out)
     for path, s in _flatten(stats).items():
       xtx, rows, amax = sums.get(path, (0.0, 0.0, 0.0))
@@ -198,7 +207,7 @@ def _inputs_of(module, target, params, extra, call, kwargs=None, static=()):
   return jnp.concatenate(xs, axis=-2)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 9))
+@functools.partial(jax.jit, static_argnums=(0, 1, 9, 10))
 def two_stream_stats(
   module,
   target,
@@ -210,10 +219,17 @@ def two_stream_stats(
   kw_float=None,
   kw_quant=None,
   static=(),
+  enter_quant=None,
 ):
   """(G, C, sum X, sum X~, rows) of the layer at `target` for one batch:
   X from the float parameters on the float call, X~ from the quantized
-  parameters on the quantized call (per group for a grouped conv)."""
+  parameters on the quantized call (per group for a grouped conv), the
+  latter under the activation rules of `enter_quant` (see dense_hessians)
+  when given."""
   x = _inputs_of(module, target, p_float, extra, call_float, kw_float, static)
-  xq = _inputs_of(module, target, p_quant, extra, call_quant, kw_quant, static)
+  rules = contextlib.nullcontext() if enter_quant is None else enter_quant(None)
+  with rules:
+    xq = _inputs_of(
+      module, target, p_quant, extra, call_quant, kw_quant, static
+    )
   return gram(xq), cross(xq, x), x.sum(-2), xq.sum(-2), jnp.float32(x.shape[-2])

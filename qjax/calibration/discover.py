@@ -26,12 +26,15 @@ Limits: a block called more than once, or inside a Flax transform
 write a BlockModel.
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from qjax import intercept, linear_layers
 from qjax.calibration import capture, trees
+from qjax.calibration.blocks import hook_for, under_hook
 
 
 class _Stop(Exception):
@@ -96,6 +99,7 @@ class _Walk:
   """What the Linen and NNX walks share: the chain/re-run logic."""
 
   needs_tree = True
+  applies_input_hook = True  # qjax.calibration.blocks
 
   def _init_blocks(self, records):
     self.records = records
@@ -207,7 +211,12 @@ class LinenWalk(_Walk):
     def stop(module, next_fun, args, kwargs):
       raise _Stop(args, kwargs)
 
-    with intercept.calls(stop, lambda m: intercept.path(m) == target):
+    # The stop sees the block's call first (its arguments as they reach
+    # it), the rules (whole-model paths) every call before it.
+    with (
+      intercept.calls(stop, lambda m: intercept.path(m) == target),
+      under_hook(""),
+    ):
       try:
         self.model.apply({"params": params, **self.collections}, *batch)
       except _Stop as s:
@@ -226,9 +235,10 @@ class LinenWalk(_Walk):
 
   def run(self, name, block, call):
     args, kwargs = call
-    return self._module(name).apply(
-      {"params": block, **self._extra(name)}, *args, **kwargs
-    )
+    with under_hook(name):
+      return self._module(name).apply(
+        {"params": block, **self._extra(name)}, *args, **kwargs
+      )
 
   def hessians(self, name, block, calls, absmax_out=None) -> dict:
     variables = {"params": block, **self._extra(name)}
@@ -238,6 +248,7 @@ class LinenWalk(_Walk):
         variables,
         [a for a, _ in calls],
         absmax_out=absmax_out,
+        enter=hook_for(name),
       )
     else:
       h, _ = capture.dense_hessians(
@@ -246,6 +257,7 @@ class LinenWalk(_Walk):
         calls,
         kwargs=True,
         absmax_out=absmax_out,
+        enter=hook_for(name),
       )
     return h
 
@@ -269,6 +281,7 @@ class LinenWalk(_Walk):
       kw_f,
       kw_q,
       static,
+      hook_for(name),
     )
 
 
@@ -326,7 +339,12 @@ class NnxWalk(_Walk):
     def stop(m, next_fun, args, kwargs):
       raise _Stop(args, kwargs)
 
-    with intercept.nnx_calls(model, stop, lambda m: m is module):
+    # NNX: the context entered last sees a call first; the stop must see
+    # the block's call before the rules do (as in the Linen walk).
+    with (
+      under_hook("", model),
+      intercept.nnx_calls(model, stop, lambda m: m is module),
+    ):
       try:
         model(*batch)
       except _Stop as s:
@@ -342,12 +360,19 @@ class NnxWalk(_Walk):
 
   def run(self, name, block, call):
     args, kwargs = call
-    return self._block(name, block)(*args, **kwargs)
+    module = self._block(name, block)
+    with under_hook(name, module):
+      return module(*args, **kwargs)
 
-  def _each_layer(self, module, handler, call):
+  def _each_layer(self, module, handler, call, name=None):
+    """Runs `module` with handler on each linear layer, under the block
+    `name`'s activation rules when given (entered last: NNX lets the last
+    context see a call first, so the handler sees the quantized input)."""
     args, kwargs = call
+    rules = under_hook(name, module) if name is not None else None
     with intercept.nnx_calls(module, handler, linear_layers.is_linear):
-      module(*args, **kwargs)
+      with rules or contextlib.nullcontext():
+        module(*args, **kwargs)
 
   def hessians(self, name, block, calls, absmax_out=None) -> dict:
     module = self._block(name, block)
@@ -362,7 +387,7 @@ class NnxWalk(_Walk):
       return next_fun(*args, **kwargs)
 
     for call in calls:
-      self._each_layer(module, add, call)
+      self._each_layer(module, add, call, name)
 
     def key(p):
       return "/".join(filter(None, (p, "kernel")))
@@ -381,7 +406,7 @@ class NnxWalk(_Walk):
     self._each_layer(self._block(name, block), record, call)
     return list(dict.fromkeys(order))
 
-  def _rows(self, name, layer, block, call):
+  def _rows(self, name, layer, block, call, rules=False):
     got = []
 
     def keep(m, next_fun, args, kwargs):
@@ -389,12 +414,14 @@ class NnxWalk(_Walk):
         got.append(linear_layers.input_rows(m, args[0], args, kwargs))
       return next_fun(*args, **kwargs)
 
-    self._each_layer(self._block(name, block), keep, call)
+    self._each_layer(
+      self._block(name, block), keep, call, name if rules else None
+    )
     return jax.numpy.concatenate(got, axis=-2)
 
   def layer_stats(self, name, layer, p_float, p_quant, call_f, call_q):
     x = self._rows(name, layer, p_float, call_f)
-    xq = self._rows(name, layer, p_quant, call_q)
+    xq = self._rows(name, layer, p_quant, call_q, rules=True)
     return (
       capture.gram(xq),
       capture.cross(xq, x),

@@ -14,7 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from qjax import dispatch, qtensor
-from qjax.calibration import trees
+from qjax.calibration import blocks, trees
 from qjax.formats import nearest64
 from qjax.methods.base import Stats
 from qjax.recipe import Recipe
@@ -73,6 +73,7 @@ def quantize_sequential(
   emit: Callable[[str, Any, Any], None] | None = None,
   used: set | None = None,
   precision: str = "float32",
+  input_hook=None,
 ):
   """qjax.quantize with calibration, block by block (GPTQ's sequential mode).
 
@@ -102,6 +103,12 @@ def quantize_sequential(
   The model must compute in its inputs' dtype (a module that casts to
   float32 runs that part in float32).
 
+  `input_hook` (qjax.activations.hooks.calibration_hook): every pass runs
+  under activation rules (qjax.calibration.blocks), so each block's inputs
+  come from earlier blocks with quantized weights and quantized inputs,
+  and H = (2/n) X~^T X~ is taken from each layer's input as its rule
+  quantizes it, the matrix the quantized layer multiplies.
+
   Raises:
     ValueError: no batches, fewer than `last_tokens` tokens when the last
       sample is needed, or an unknown precision.
@@ -113,6 +120,43 @@ def quantize_sequential(
       f"calibration precision={precision!r} is not one of "
       f"{', '.join(PRECISIONS)}"
     )
+  _check_hook(model, input_hook)
+  with blocks.input_hook(input_hook):
+    return _sequential(
+      params,
+      recipe,
+      model,
+      batches,
+      last_tokens,
+      key,
+      progress,
+      emit,
+      used,
+      precision,
+    )
+
+
+def _check_hook(walk, hook):
+  if hook is not None and not getattr(walk, "applies_input_hook", False):
+    raise ValueError(
+      "activation rules during calibration need a walk that applies them "
+      "(a BlockModel or one from qjax.calibration.discover); "
+      f"{type(walk).__name__} does not set applies_input_hook"
+    )
+
+
+def _sequential(
+  params,
+  recipe,
+  model,
+  batches,
+  last_tokens,
+  key,
+  progress,
+  emit,
+  used,
+  precision,
+):
   wide = precision == "float64"
   context = nearest64.float64_allowed if wide else contextlib.nullcontext
   widen = _widen if wide else (lambda tree: tree)

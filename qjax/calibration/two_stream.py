@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from qjax import dispatch, qtensor
-from qjax.calibration import trees
+from qjax.calibration import blocks, sequential, trees
 from qjax.calibration.sequential import _finish
 from qjax.methods.base import Stats
 from qjax.recipe import Recipe
@@ -47,6 +47,7 @@ def quantize_two_stream(
   *,
   progress: bool = True,
   used: set | None = None,
+  input_hook=None,
 ):
   """qjax.quantize with two-stream calibration (Error Diffusion's driver).
 
@@ -59,6 +60,10 @@ def quantize_two_stream(
     batches: calibration batches.
     progress: a progress bar over blocks.
     used: collects the indices of the rules that matched.
+    input_hook: activation rules for the quantized stream only
+      (qjax.activations.hooks.calibration_hook): X~ and the quantized
+      blocks' outputs are those of the model with quantized inputs; the
+      float stream, the target, stays float.
 
   Returns:
     The quantized tree (biases replaced where a method returns one, e.g.
@@ -72,6 +77,11 @@ def quantize_two_stream(
     raise ValueError("quantize_two_stream needs at least one calibration batch")
   used = set() if used is None else used
   walk = model
+  sequential._check_hook(walk, input_hook)
+
+  def quantized_stream():
+    return blocks.input_hook(input_hook)
+
   calls_f = walk.first_calls(params, batches)
   calls_q = list(calls_f)
   stream_q = params  # the tree as the quantized model has it
@@ -81,7 +91,8 @@ def quantize_two_stream(
   ):
     if index:
       calls_f = walk.next_calls(index, outs_f, params, batches)
-      calls_q = walk.next_calls(index, outs_q, stream_q, batches)
+      with quantized_stream():
+        calls_q = walk.next_calls(index, outs_q, stream_q, batches)
     p_float = trees.get(params, name)
     layers = walk.layer_order(name, p_float, calls_f[0])
     # Leaves no linear layer owns (norms, an embedding inside a block) take
@@ -110,7 +121,8 @@ def quantize_two_stream(
       g = c = mx = mxq = 0.0
       rows = 0.0
       for cf, cq in zip(calls_f, calls_q, strict=True):
-        s = walk.layer_stats(name, layer, p_float, p_quant, cf, cq)
+        with quantized_stream():  # applied to the quantized call only
+          s = walk.layer_stats(name, layer, p_float, p_quant, cf, cq)
         g, c, mx, mxq, rows = (
           g + s[0],
           c + s[1],
@@ -140,7 +152,8 @@ def quantize_two_stream(
         p_quant = trees.replace(p_quant, b_path, result.bias)
     done[name] = q_block
     outs_f = [walk.run(name, p_float, cf) for cf in calls_f]
-    outs_q = [walk.run(name, p_quant, cq) for cq in calls_q]
+    with quantized_stream():
+      outs_q = [walk.run(name, p_quant, cq) for cq in calls_q]
     if getattr(walk, "needs_tree", False):
       stream_q = trees.replace(stream_q, name, p_quant)
   return _finish(params, recipe, walk, done, None, None, used)

@@ -20,6 +20,20 @@ from qjax.transforms import hadamard, rotated
 _HI = "highest"
 
 
+def check_channel_kernel(w, what: str) -> None:
+  """A Dense kernel [in, out] or a 1x1 conv kernel [1, 1, in, out]: the
+  kernels whose input statistics are over channels (a wider conv's are
+  over patches of kh * kw * in), so a per-channel input transform (a
+  rotation, a scaling) maps them exactly."""
+  if w.ndim == 2 or (w.ndim == 4 and tuple(w.shape[:2]) == (1, 1)):
+    return
+  raise ValueError(
+    f"{what} Dense kernels [in, out] and 1x1 conv kernels [1, 1, in, out]; "
+    f"got shape {tuple(w.shape)} (a wider conv's statistics are over "
+    "patches, not channels)"
+  )
+
+
 @dataclasses.dataclass(frozen=True)
 class Hadamard(base.Transform):
   """block: 0 rotates all input rows with one Hadamard matrix; b > 0 runs
@@ -42,11 +56,7 @@ class Hadamard(base.Transform):
     return jnp.asarray(hadamard.rotation(n, self.block, self.seed), jnp.float32)
 
   def transform(self, w, stats):
-    if w.ndim != 2:
-      raise ValueError(
-        f"Hadamard rotates Dense kernels [in, out]; got shape {w.shape} "
-        "(a conv's statistics are over patches, not channels)"
-      )
+    check_channel_kernel(w, "Hadamard rotates")
     hadamard.rotation(w.shape[0], self.block)  # raises on a bad size
     w_r = hadamard.rotate_input_axis(w, self.block, seed=self.seed)
     return w_r.astype(w.dtype)

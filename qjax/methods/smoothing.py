@@ -8,7 +8,7 @@ from typing import ClassVar
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.methods import base
+from qjax.methods import base, rotation
 from qjax.transforms import rotated, smoothquant
 
 
@@ -28,13 +28,16 @@ class SmoothQuant(base.Transform):
       )
 
   def _scales(self, w, stats):
-    if w.ndim != 2:
-      raise ValueError(
-        f"SmoothQuant scales Dense kernels [in, out]; got shape {w.shape}"
-      )
+    rotation.check_channel_kernel(w, "SmoothQuant scales")
     if stats.input_absmax is None:
       raise ValueError("SmoothQuant needs max |X_j| from calibration")
-    return smoothquant.smoothing_scales(stats.input_absmax, w, self.alpha)
+    if stats.input_absmax.ndim != 1:
+      raise ValueError(
+        "SmoothQuant scales a layer without feature groups; got max |X| of "
+        f"shape {stats.input_absmax.shape}"
+      )
+    matrix = w.reshape(w.shape[-2:])  # a 1x1 conv as its [in, out]
+    return smoothquant.smoothing_scales(stats.input_absmax, matrix, self.alpha)
 
   def transform(self, w, stats):
     s = self._scales(w, stats)

@@ -64,11 +64,11 @@ class Smoothed(qtensor.CompositeLeaf):
   def validate(self) -> None:
     if hasattr(self.inner, "validate"):
       self.inner.validate()
-    if tuple(self.inner.shape) != tuple(self.shape) or len(self.shape) != 2:
+    if tuple(self.inner.shape) != tuple(self.shape) or len(self.shape) < 2:
       raise ValueError(
         f"smoothed kernel: inner {self.inner.shape} != {self.shape}"
       )
-    if self.s.shape != (self.shape[0],):
+    if self.s.shape != (self.shape[-2],):
       raise ValueError(
         f"smoothing scales {self.s.shape} for a kernel {self.shape}"
       )

@@ -204,6 +204,18 @@ class FakeQuantTest(parameterized.TestCase):
     self.assertEqual(got.min(), lo)  # saturated, not wrapped or clipped
     self.assertEqual(got.max(), np.float32(fmt.max) * scale)
 
+  @parameterized.parameters("mxfp4", "nvfp4", "mxint8")
+  def test_ragged_blocks_are_the_spec_zero_padding(self, name):
+    # 24 channels (a CNN's narrow layer): one short block, whose values are
+    # those of the block padded with zeros to 32 (or 16 for nvfp4)
+    x = np.ascontiguousarray(_activations((2, 5, 64))[..., :24])
+    got = activations.fake_quant(x, activations.act_quant(name, ragged=True))
+    pad = np.concatenate([x, np.zeros((2, 5, 8), np.float32)], -1)
+    want = activations.fake_quant(pad, activations.act_quant(name))[..., :24]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with self.assertRaisesRegex(ValueError, "does not divide"):
+      activations.fake_quant(x, activations.act_quant(name))
+
   def test_codes_decode_to_the_fake_quant_values(self):
     x = _activations(seed=5)
     quant = activations.act_quant("int4", "token")

@@ -152,8 +152,49 @@ class StageTest(absltest.TestCase):
     )
 
   def test_conv_kernels_are_refused(self):
-    with self.assertRaisesRegex(ValueError, "Dense kernels"):
+    with self.assertRaisesRegex(ValueError, r"Dense kernels.*\(3, 3, 4, 8\)"):
       qjax.Hadamard().transform(jnp.ones((3, 3, 4, 8)), Stats())
+
+  def test_wide_conv_with_statistics_is_refused(self):
+    # with calibration statistics a conv runs as its patch matrix [72, 8];
+    # a rotation of patches is not what its input transform does
+    w = np.random.default_rng(0).standard_normal((3, 3, 8, 8))
+    recipe = qjax.Recipe((qjax.rule("kernel", "int4", method="hadamard+gptq"),))
+    with self.assertRaisesRegex(ValueError, r"c/kernel.*mixes with its taps"):
+      qjax.quantize(
+        {"c": {"kernel": w.astype(np.float32)}},
+        recipe,
+        hessians={"c/kernel": jnp.eye(72)},
+      )
+
+  def test_pointwise_conv_rotates_like_a_dense_layer(self):
+    # A 1x1 conv mixes channels only, so x R through R^T W is x W; a CNN's
+    # pointwise convs take the rotation (MobileNetV2's expand/project).
+    class Pointwise(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        h = nn.relu(nn.Conv(72, (1, 1), name="expand")(x))
+        return nn.Conv(36, (1, 1), name="project")(h)
+
+    model = Pointwise()
+    x = _data(3).reshape(4, 3, 3, 36)
+    variables = model.init(jax.random.key(1), x)
+    want = model.apply(variables, x)
+    recipe = qjax.Recipe((qjax.rule("kernel", "int16", method="hadamard+rtn"),))
+    q = qjax.quantize(variables["params"], recipe)
+    leaf = q["expand"]["kernel"]
+    self.assertIsInstance(leaf, rotated.Rotated)
+    self.assertEqual(leaf.shape, (1, 1, 36, 72))
+    int16 = activations.recipe(activations.act_rule("", "int16", "token"))
+    got = qjax.apply(model, {"params": q}, x, activations=int16)
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+    # the stored weight is R^T W, not W: the output is float's only because
+    # the input was rotated too
+    inner = np.asarray(leaf.inner.dequantize()).reshape(36, 72)
+    w = np.asarray(variables["params"]["expand"]["kernel"]).reshape(36, 72)
+    r = hadamard.rotation(36, seed=0)
+    np.testing.assert_allclose(inner, r.T @ w, rtol=0, atol=1e-3)
+    self.assertGreater(np.abs(inner - w).max(), 0.1)
 
 
 if __name__ == "__main__":

@@ -142,6 +142,44 @@ class ModelTest(absltest.TestCase):
     want = (np.clip(np.rint(y / scale), -128, 127) * scale).astype(np.float32)
     np.testing.assert_allclose(seen, want * s, rtol=1e-6, atol=1e-7)
 
+  def test_pointwise_conv_is_smoothed_like_a_dense_layer(self):
+    class Pointwise(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        h = nn.Conv(64, (1, 1), name="expand")(x)
+        h = h * jnp.where(jnp.arange(64) == 9, 40.0, 1.0)
+        return nn.Conv(32, (1, 1), name="project")(nn.gelu(h))
+
+    model = Pointwise()
+    batches = [b.reshape(2, 2, 4, 32) for b in self.batches]
+    params = model.init(jax.random.key(2), batches[0])["params"]
+    recipe = qjax.Recipe(
+      (qjax.rule("kernel", "int16", method="smoothquant+rtn"),)
+    )
+    q = qjax.quantize(params, recipe, calib=(model, batches))
+    leaf = q["project"]["kernel"]
+    self.assertIsInstance(leaf, smoothquant.Smoothed)
+    self.assertEqual(leaf.s.shape, (64,))
+    # Eq. (4) from the inputs the project conv sees and its [in, out] matrix
+    x = np.concatenate(
+      [
+        np.asarray(
+          nn.Conv(64, (1, 1)).apply({"params": params["expand"]}, b)
+        ).reshape(-1, 64)
+        * np.where(np.arange(64) == 9, 40.0, 1.0)
+        for b in batches
+      ]
+    )
+    x = np.asarray(jax.nn.gelu(x))
+    w = np.asarray(params["project"]["kernel"]).reshape(64, 32)
+    np.testing.assert_allclose(
+      leaf.s, _numpy_scales(np.abs(x).max(0), w, 0.5), rtol=1e-4
+    )
+    int16 = activations.recipe(activations.act_rule("", "int16", "token"))
+    got = qjax.apply(model, {"params": q}, batches[0], activations=int16)
+    want = model.apply({"params": params}, batches[0])
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+
   def test_smoothing_lowers_w8a8_error_on_an_outlier_channel(self):
     recipe = activations.recipe(activations.act_rule("down", "int8", "token"))
     x = self.batches[0]
