@@ -25,6 +25,8 @@ Every experiment config has the same fields:
                     `activations`).
   act_recipe        None, or {'rules': [...]} overriding act's rule
                     (qjax.activations.ActRecipe.from_config).
+  resume            record calibrated blocks in workdir/resume and go on
+                    from them after a kill (qjax.io.resume).
   hadamard, smoothquant
                     the pre-transforms' knobs ('hadamard+gptq',
                     'smoothquant+rtn', ... in `method`).
@@ -134,6 +136,10 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     "weights_see": False,  # weight calibration under the activation rules
   }
   c.act_recipe = None
+  # Record each calibrated block in workdir/resume and, when that directory
+  # holds blocks of this run, go on after the last one (qjax.io.resume;
+  # GPTQ's sequential mode). Deleted once the run has finished.
+  c.resume = False
   c.save_checkpoint = True
   return c
 

@@ -9,6 +9,12 @@
     --config=configs/smollm2.py:method=rtn,format=mxfp4
   python -m experiments.quantize --config=configs/smollm2.py \
     --config.method=gptq --config.gptq.act_order=False
+  python -m experiments.quantize \
+    --config=configs/smollm2.py:method=hadamard+gptq,bits=8,act=int8
+                                # W8A8: int8 inputs per token, rotated
+  python -m experiments.quantize \
+    --config=configs/smollm2.py:act=nvfp4,kv=int8 --config.act.weights_see=True
+                                # GPTQ calibrated on nvfp4 inputs
 
 Fields as configs/common.py, plus eval.windows / eval.window (evaluation
 windows from the start of the text), calib.windows (calibration windows

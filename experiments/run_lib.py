@@ -6,6 +6,8 @@ A run writes into `workdir`:
   results.csv             one row per run (appended: a sweep shares it).
   quality_vs_bits.png     every row of results.csv, one panel per model.
   checkpoint/             the quantized tree (qjax.checkpoint), if asked.
+  resume/                 with config.resume, the finished blocks of a
+                          calibrated run (qjax.io.resume) until it ends.
 """
 
 import csv
@@ -20,7 +22,7 @@ from experiments import tasks
 from qjax import activations as act
 from qjax import formats
 from qjax import metrics as qmetrics
-from qjax.io import checkpoint
+from qjax.io import checkpoint, resume
 
 # The config's method names (configs/common.py) and the stages they run.
 METHODS = {
@@ -378,13 +380,15 @@ def run(config, workdir) -> dict:
     if recipe.needs_two_streams:
       precision = "float32"
     extra = {}
+    if config.get("resume"):
+      extra["resume"] = resume.BlockLog(workdir / "resume")
     if weights_see:
       # Static scales come from the float model here: the quantized one
       # does not exist yet.
-      extra = {
-        "activations": act_recipe,
-        "act_scales": _act_scales(task, params, params, config, act_recipe),
-      }
+      extra["activations"] = act_recipe
+      extra["act_scales"] = _act_scales(
+        task, params, params, config, act_recipe
+      )
     qparams = qjax.quantize(
       params,
       recipe,
@@ -432,6 +436,7 @@ def run(config, workdir) -> dict:
     shutil.rmtree(target)
   if config.save_checkpoint:
     checkpoint.save(target, qparams, recipe=recipe)
+  shutil.rmtree(workdir / "resume", ignore_errors=True)  # the run is done
   return metrics
 
 

@@ -47,6 +47,7 @@ def quantize(
   calib_precision: str = "float32",
   activations=None,
   act_scales=None,
+  resume=None,
 ):
   """Quantizes every leaf a rule of `recipe` decides; others pass through.
 
@@ -84,6 +85,10 @@ def quantize(
       the rule quantizes its input in the model's basis.
     act_scales: static scales for `activations`
       (qjax.activations.calibrate on the float model).
+    resume: a qjax.io.resume.BlockLog (with `calib`, GPTQ's sequential
+      mode): every finished block is recorded, and a run started again
+      with the same log goes on after the last one, with the codes of an
+      uninterrupted run.
     report_unused: warn about rules that matched nothing.
     allow_unquantized: return the tree unchanged when no leaf matches a
       quantizing rule (otherwise that is an error).
@@ -111,6 +116,8 @@ def quantize(
   used = set()
   if activations is None and act_scales is not None:
     raise ValueError("act_scales given without activations")
+  if resume is not None and calib is None:
+    raise ValueError("resume= records calibrated runs: give calib= too")
   if activations is not None and calib is None:
     raise ValueError(
       "activations= applies to calibration passes: give calib=(model, "
@@ -128,6 +135,11 @@ def quantize(
     state, params = _pure(params)
     walk, batches = _walk(calib, params)
     if recipe.needs_two_streams:
+      if resume is not None:
+        raise ValueError(
+          "resume: two-stream methods (ED, GPFQ) are not resumable yet; "
+          "GPTQ's sequential mode (Hessian methods) is"
+        )
       if calib_precision != "float32":
         raise ValueError(
           f"calib_precision={calib_precision!r}: two-stream methods (ED, "
@@ -153,6 +165,7 @@ def quantize(
         used=used,
         precision=calib_precision,
         input_hook=hook,
+        resume=resume,
       )
     out = _as_state(state, out)
   else:

@@ -27,6 +27,7 @@ import contextlib
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from qjax import intercept, linear_layers
@@ -194,6 +195,13 @@ def calibration_hook(recipe, scales=None):
   def hook(prefix, root=None):
     return quantized_inputs(recipe, scales, root=root, prefix=prefix)
 
+  # what a resumable run's fingerprint records (qjax.io.resume)
+  hook.rules = (
+    recipe,
+    None
+    if scales is None
+    else sorted((k, np.asarray(v).tolist()) for k, v in scales.items()),
+  )
   return hook
 
 

@@ -55,6 +55,11 @@ def input_hook(hook):
     _INPUT_HOOK.reset(token)
 
 
+def current_hook():
+  """The hook of the enclosing `input_hook`, or None."""
+  return _INPUT_HOOK.get()
+
+
 def hook_for(prefix: str):
   """enter(root) -> context, the active hook for a block named `prefix`
   (a hashable static argument for jit), or None without rules."""

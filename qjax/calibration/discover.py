@@ -167,6 +167,8 @@ class _Walk:
     if template is None:
       return self._rerun_calls(index, params)
     anchor = self.records[index]["anchor"]
+    if anchor not in self._extras:  # a resumed run starts past the anchor
+      self._rerun_calls(anchor, params)
     return [
       _fill(template, out, a)
       for out, a in zip(outputs, self._extras[anchor], strict=True)

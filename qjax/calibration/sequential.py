@@ -5,6 +5,7 @@ one block's activations for the calibration set.
 """
 
 import contextlib
+import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -74,6 +75,7 @@ def quantize_sequential(
   used: set | None = None,
   precision: str = "float32",
   input_hook=None,
+  resume=None,
 ):
   """qjax.quantize with calibration, block by block (GPTQ's sequential mode).
 
@@ -109,6 +111,10 @@ def quantize_sequential(
   and H = (2/n) X~^T X~ is taken from each layer's input as its rule
   quantizes it, the matrix the quantized layer multiplies.
 
+  `resume` (qjax.io.resume.BlockLog) records each finished block; a run
+  started again with the same log goes on after the last recorded block and
+  gives the codes of an uninterrupted run bit for bit. Not with `emit`.
+
   Raises:
     ValueError: no batches, fewer than `last_tokens` tokens when the last
       sample is needed, or an unknown precision.
@@ -121,6 +127,8 @@ def quantize_sequential(
       f"{', '.join(PRECISIONS)}"
     )
   _check_hook(model, input_hook)
+  if resume is not None and emit is not None:
+    raise ValueError("resume records blocks in memory order; not with emit")
   with blocks.input_hook(input_hook):
     return _sequential(
       params,
@@ -133,7 +141,31 @@ def quantize_sequential(
       emit,
       used,
       precision,
+      resume,
     )
+
+
+def fingerprint(recipe, walk, batches, precision, key, hook) -> str:
+  """What a resumable run depends on, as text: the recipe, the blocks, a
+  digest of the calibration batches, the precision, the key and the
+  activation rules (a log of another run must not be mixed in)."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(batches):
+    a = np.asarray(leaf)
+    digest.update(f"{a.dtype.name}{a.shape}".encode())
+    digest.update(np.ascontiguousarray(a).tobytes())
+  if key is not None:
+    digest.update(np.asarray(jax.random.key_data(key)).tobytes())
+  hook_rules = getattr(hook, "rules", None) if hook is not None else None
+  return "\n".join(
+    [
+      f"recipe: {recipe!r}",
+      f"blocks: {list(walk.names)}",
+      f"batches+key sha256: {digest.hexdigest()}",
+      f"precision: {precision}",
+      f"activation rules: {hook_rules!r}",
+    ]
+  )
 
 
 def _check_hook(walk, hook):
@@ -156,6 +188,7 @@ def _sequential(
   emit,
   used,
   precision,
+  resume,
 ):
   wide = precision == "float64"
   context = nearest64.float64_allowed if wide else contextlib.nullcontext
@@ -166,9 +199,30 @@ def _sequential(
     calls = widen(walk.first_calls(params, batches))
   done, stream = {}, params  # stream: the tree as the quantized model has it
   outputs = None
-  for index, name in enumerate(
-    tqdm(walk.names, desc="calibrate+quantize", disable=not progress)
-  ):
+  start = 0
+  if resume is not None:
+    hook = blocks.current_hook()
+    saved = resume.start(
+      fingerprint(recipe, walk, batches, precision, key, hook), walk.names
+    )
+    if saved is not None:
+      last, done, outputs, saved_used = saved
+      used |= saved_used
+      start = last + 1
+      with context():  # float64 outputs stay float64
+        outputs = jax.tree.map(jnp.asarray, outputs)
+      if getattr(walk, "needs_tree", False):
+        for name, qblock in done.items():
+          stream = trees.replace(stream, name, qtensor.dequantize_tree(qblock))
+  bar = tqdm(
+    walk.names,
+    desc="calibrate+quantize",
+    disable=not progress,
+    initial=start,
+  )
+  for index, name in enumerate(walk.names):
+    if index < start:
+      continue
     block = trees.get(params, name)
     with context():
       if index:
@@ -198,7 +252,11 @@ def _sequential(
       done[name] = qblock
     else:
       emit(name, qblock, block)
+    if resume is not None:
+      resume.block_done(index, name, qblock, outputs, used)
+    bar.update()
     del block, qblock, deq
+  bar.close()
   return _finish(params, recipe, walk, done, key, emit, used)
 
 

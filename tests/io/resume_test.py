@@ -1,0 +1,203 @@
+"""Resumable calibrated runs (qjax.io.resume): a run whose process dies
+after a block is recorded, started again with the same log, gives the codes
+of an uninterrupted run bit for bit, and does not redo the recorded blocks.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest
+
+import qjax
+from qjax.calibration import discover
+from qjax.io import resume
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return x + nn.Dense(16, name="down")(nn.gelu(nn.Dense(48, name="up")(x)))
+
+
+class Net(nn.Module):
+  """Four blocks, with a pooling glue before the last (a re-run anchor)."""
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(3):
+      x = Block(name=f"block_{i}")(x)
+    x = x - x.mean(axis=0, keepdims=True)
+    return Block(name="block_3")(x)
+
+
+def _setup():
+  net = Net()
+  params = net.init(jax.random.key(0), jnp.ones((1, 16)))["params"]
+  rng = np.random.default_rng(0)
+  batches = [
+    jnp.asarray(rng.standard_normal((32, 16)), jnp.float32) for _ in range(3)
+  ]
+  recipe = qjax.Recipe((qjax.rule("kernel", "int4", method="gptq"),))
+  return net, params, batches, recipe
+
+
+class _DyingLog(resume.BlockLog):
+  """Kills its process right after block `die_after` is recorded, or
+  (midway) while it is being written."""
+
+  def __init__(self, path, die_after, midway):
+    super().__init__(path)
+    self.die_after, self.midway = die_after, midway
+
+  def block_done(self, index, name, *args):
+    if index == self.die_after and self.midway:
+      tmp = self.path / f".block_{index:05d}.tmp"
+      tmp.mkdir()
+      (tmp / "name.txt").write_text(name)
+      os._exit(3)
+    super().block_done(index, name, *args)
+    if index == self.die_after:
+      os._exit(3)  # no cleanup, as a killed job
+
+
+def run_and_die(path, die_after, precision, midway):
+  net, params, batches, recipe = _setup()
+  qjax.quantize(
+    params,
+    recipe,
+    calib=(net, batches),
+    resume=_DyingLog(path, die_after, midway),
+    calib_precision=precision,
+  )
+
+
+class _CountingWalk:
+  """A discovered walk that counts the blocks it calibrates."""
+
+  def __init__(self, walk):
+    self.walk, self.calibrated = walk, []
+
+  def __getattr__(self, name):
+    return getattr(self.walk, name)
+
+  def hessians(self, name, *args, **kwargs):
+    self.calibrated.append(name)
+    return self.walk.hessians(name, *args, **kwargs)
+
+
+def _codes(tree):
+  return {
+    f"{b}/{layer}": np.asarray(tree[b][layer]["kernel"].codes)
+    for b in tree
+    for layer in ("up", "down")
+  }
+
+
+class ResumeTest(absltest.TestCase):
+  def _killed_then_resumed(self, die_after, precision="float32", midway=False):
+    net, params, batches, recipe = _setup()
+    whole = qjax.quantize(
+      params, recipe, calib=(net, batches), calib_precision=precision
+    )
+    path = tempfile.mkdtemp() + "/log"
+    proc = subprocess.run(
+      [
+        sys.executable,
+        "-c",
+        "from tests.io.resume_test import run_and_die; "
+        f"run_and_die({path!r}, {die_after}, {precision!r}, {midway})",
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    self.assertEqual(proc.returncode, 3, proc.stderr[-2000:])
+    recorded = sorted(p.name for p in pathlib.Path(path).glob("block_*"))
+    finished = die_after if midway else die_after + 1
+    self.assertLen(recorded, finished)
+    walk = _CountingWalk(discover(net, params, batches))
+    resumed = qjax.quantize(
+      params,
+      recipe,
+      calib=(walk, batches),
+      resume=resume.BlockLog(path),
+      calib_precision=precision,
+    )
+    # only the blocks after the recorded ones were calibrated again
+    self.assertEqual(walk.calibrated, list(walk.names[finished:]))
+    want, got = _codes(whole), _codes(resumed)
+    self.assertEqual(want.keys(), got.keys())
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+      b, layer = k.split("/")
+      np.testing.assert_array_equal(
+        resumed[b][layer]["kernel"].scale, whole[b][layer]["kernel"].scale
+      )
+
+  def test_killed_after_block_1_resumes_to_the_same_codes(self):
+    self._killed_then_resumed(1)
+
+  def test_resume_past_a_rerun_anchor_in_float64(self):
+    # block 3 follows pooling glue: its call comes from a re-run, which the
+    # resumed walk has not made yet
+    self._killed_then_resumed(2, "float64")
+
+  def test_killed_while_writing_a_block(self):
+    # the process dies halfway through recording block 2: that block stays
+    # a temporary directory, and the run resumes after block 1
+    self._killed_then_resumed(2, midway=True)
+
+  def test_another_run_is_refused(self):
+    net, params, batches, recipe = _setup()
+    path = tempfile.mkdtemp() + "/log"
+    qjax.quantize(
+      params, recipe, calib=(net, batches), resume=resume.BlockLog(path)
+    )
+    other = qjax.Recipe((qjax.rule("kernel", "int3", method="gptq"),))
+    with self.assertRaisesRegex(ValueError, "belongs to another run"):
+      qjax.quantize(
+        params, other, calib=(net, batches), resume=resume.BlockLog(path)
+      )
+    with self.assertRaisesRegex(ValueError, "belongs to another run"):
+      qjax.quantize(
+        params,
+        recipe,
+        calib=(net, batches[:2]),
+        resume=resume.BlockLog(path),
+      )
+    busy = tempfile.mkdtemp()
+    pathlib.Path(busy, "notes.txt").write_text("mine")
+    with self.assertRaisesRegex(ValueError, "not empty"):
+      qjax.quantize(
+        params, recipe, calib=(net, batches), resume=resume.BlockLog(busy)
+      )
+    with self.assertRaisesRegex(ValueError, "give calib"):
+      qjax.quantize(params, recipe, resume=resume.BlockLog(busy))
+
+  def test_outputs_round_trip_any_dtype(self):
+    import ml_dtypes  # noqa: PLC0415
+
+    d = pathlib.Path(tempfile.mkdtemp())
+    arrays = [
+      np.arange(6, dtype=np.float64).reshape(2, 3) / 7,
+      np.arange(4, dtype=np.float32).astype(ml_dtypes.bfloat16),
+      np.float32(np.pi),
+    ]
+    resume._save_arrays(d, arrays)
+    for a, b in zip(resume._load_arrays(d), arrays, strict=True):
+      self.assertEqual(a.dtype, b.dtype)
+      np.testing.assert_array_equal(a, b)
+
+
+if __name__ == "__main__":
+  absltest.main()
