@@ -2,7 +2,9 @@
 
 A run writes into `workdir`:
   metrics.json            float vs quantized quality, bytes, bits per weight,
-                          per-layer SQNR.
+                          per layer: SQNR, the method's seconds and, for
+                          calibrated methods, the loss tr(D^T H D) / 2
+                          (also logged, one absl line per layer).
   results.csv             one row per run (appended: a sweep shares it).
   quality_vs_bits.png     every row of results.csv, one panel per model.
   checkpoint/             the quantized tree (qjax.checkpoint), if asked.
@@ -15,6 +17,8 @@ import json
 import pathlib
 import shutil
 import time
+
+from absl import logging
 
 import qjax
 from configs import common
@@ -364,6 +368,7 @@ def run(config, workdir) -> dict:
     )
   params = task.load(config)
   reference, float_scores = _float_scores(task, params, config)
+  records = []  # one per quantized leaf (qjax.quantize's layer_log)
   start = time.perf_counter()
   if recipe.needs_calibration:
     if not hasattr(task, "block_model"):
@@ -395,10 +400,11 @@ def run(config, workdir) -> dict:
       calib=calib,
       progress=True,
       calib_precision=precision,
+      layer_log=records,
       **extra,
     )
   else:
-    qparams = qjax.quantize(params, recipe, progress=True)
+    qparams = qjax.quantize(params, recipe, progress=True, layer_log=records)
   seconds = time.perf_counter() - start
   if act_recipe is None:
     q_scores = task.score(qjax.dequantize(qparams), config, reference)
@@ -412,6 +418,19 @@ def run(config, workdir) -> dict:
   layer_stats = {
     p: s for p, s in qjax.stats(qparams, params).items() if s["quantized"]
   }
+  for r in records:
+    logging.info(
+      "%s: %s, %.2f s, SQNR %.2f dB%s",
+      r["path"],
+      r["method"],
+      r["seconds"],
+      r["sqnr_db"],
+      f", loss {r['loss']:.4g}" if "loss" in r else "",
+    )
+    if r["path"] in layer_stats:
+      layer_stats[r["path"]]["seconds"] = r["seconds"]
+      if "loss" in r:
+        layer_stats[r["path"]]["loss"] = r["loss"]
   metrics = {
     "name": run_name(config),
     "model": config.model,

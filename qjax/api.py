@@ -48,6 +48,7 @@ def quantize(
   activations=None,
   act_scales=None,
   resume=None,
+  layer_log: list | None = None,
 ):
   """Quantizes every leaf a rule of `recipe` decides; others pass through.
 
@@ -89,6 +90,10 @@ def quantize(
       mode): every finished block is recorded, and a run started again
       with the same log goes on after the last one, with the codes of an
       uninterrupted run.
+    layer_log: a list that gets one dict per quantized leaf: 'path',
+      'method', 'seconds' (the method's wall time, compilation included),
+      'sqnr_db', and with a Hessian 'loss' = tr(D^T H D) / 2, the mean
+      squared output error over calibration rows (GPTQ's objective).
     report_unused: warn about rules that matched nothing.
     allow_unquantized: return the tree unchanged when no leaf matches a
       quantizing rule (otherwise that is an error).
@@ -105,6 +110,39 @@ def quantize(
   Warns:
     UserWarning listing rules that matched no leaf.
   """
+  with dispatch.layer_log(layer_log):
+    return _quantize(
+      params,
+      recipe,
+      key,
+      calib,
+      hessians,
+      grams,
+      progress,
+      report_unused,
+      allow_unquantized,
+      calib_precision,
+      activations,
+      act_scales,
+      resume,
+    )
+
+
+def _quantize(
+  params,
+  recipe,
+  key,
+  calib,
+  hessians,
+  grams,
+  progress,
+  report_unused,
+  allow_unquantized,
+  calib_precision,
+  activations,
+  act_scales,
+  resume,
+):
   if not allow_unquantized:
     dispatch.require_a_match(
       recipe,
@@ -182,7 +220,7 @@ def quantize(
   unused = recipe.unused(used)
   if unused and report_unused:
     warnings.warn(
-      f"recipe rules matched no parameter: {', '.join(unused)}", stacklevel=2
+      f"recipe rules matched no parameter: {', '.join(unused)}", stacklevel=3
     )
   return out
 

@@ -6,8 +6,11 @@ method runs the same way whichever collected its statistics.
 Errors and warnings a method raises come out naming the parameter path.
 """
 
+import contextlib
+import contextvars
 import dataclasses
 import math
+import time
 import warnings
 from collections.abc import Callable
 
@@ -80,12 +83,59 @@ def apply_rule(rule: Rule, w, stats: base.Stats, path: str) -> base.Result:
       )
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
+      start = time.perf_counter()
       result = _run(rule, w, stats)
+      log = _LAYER_LOG.get()
+      if log is not None and not isinstance(w, jax.core.Tracer):
+        log.append(_layer_record(path, rule, w, result, stats, start))
   except (ValueError, TypeError) as e:
     raise type(e)(f"parameter {path!r}: {e}") from e
   for c in caught:  # e.g. QAF's sweep cap: say which parameter it was
     warnings.warn(f"parameter {path!r}: {c.message}", c.category, stacklevel=3)
   return result
+
+
+# The records of qjax.quantize(..., layer_log=[...]): one per quantized leaf.
+_LAYER_LOG = contextvars.ContextVar("qjax_layer_log", default=None)
+
+
+@contextlib.contextmanager
+def layer_log(records: list | None):
+  """Appends a record per quantized leaf to `records` inside the block
+  (None: records nothing)."""
+  token = _LAYER_LOG.set(records)
+  try:
+    yield records
+  finally:
+    _LAYER_LOG.reset(token)
+
+
+def _layer_record(path, rule, w, result, stats, start) -> dict:
+  """path, method, seconds (the method's wall time, compilation included),
+  SQNR of the dequantized leaf, and with a Hessian the calibration loss
+  tr(D^T H D) / 2 = mean over calibration rows of |x D|^2 for D = W - Q
+  (the objective GPTQ minimizes; the kernel as its [d, out] matrix)."""
+  q = result.leaf.dequantize(jnp.float32)
+  jax.block_until_ready(q)
+  seconds = time.perf_counter() - start
+  w32 = np.asarray(w, np.float64)
+  diff = w32 - np.asarray(q, np.float64)
+  noise = float(np.sum(diff**2))
+  signal = float(np.sum(w32**2))
+  record = {
+    "path": path,
+    "method": rule.method_name,
+    "seconds": seconds,
+    "sqnr_db": float("inf") if noise == 0 else 10 * math.log10(signal / noise),
+  }
+  h = stats.hessian
+  if h is not None and np.ndim(h) == 2:
+    d = np.shape(h)[0]
+    if diff.size % d == 0:
+      m = diff.reshape(d, -1)
+      hd = np.asarray(h, np.float64) @ m
+      record["loss"] = float(np.sum(m * hd) / 2)
+  return record
 
 
 def _run(rule: Rule, w, stats) -> base.Result:

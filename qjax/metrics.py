@@ -43,7 +43,7 @@ def perplexity(
     windows: [n, t] token ids; each gives t - 1 predictions.
   """
   total, count = 0.0, 0
-  for w in tqdm(windows, desc="perplexity", disable=not progress, leave=False):
+  for w in tqdm(windows, desc="perplexity", disable=not progress):
     w = jnp.asarray(w[None])
     logp = jax.nn.log_softmax(logits_fn(w)[:, :-1].astype(jnp.float32), -1)
     nll = -jnp.take_along_axis(logp, w[:, 1:, None], -1)

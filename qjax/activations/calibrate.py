@@ -28,7 +28,7 @@ def _run_all(model, variables, batches, recipe, observe, desc, progress):
       "an NNX model is calibrated with the parameters it holds: pass "
       "variables=None (nnx.update the model first to calibrate on others)"
     )
-  for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+  for batch in tqdm(batches, desc=desc, disable=not progress):
     args = _as_args(batch)
     root = model if is_nnx else None
     with hooks.quantized_inputs(recipe, root=root, observe=observe):

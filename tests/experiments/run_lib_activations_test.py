@@ -110,6 +110,10 @@ class RunTest(absltest.TestCase):
     self.assertTrue(aware["name"].endswith("_aint8_aware_layers1"))
     self.assertNotEqual(aware["quantized"], plain["quantized"])
     self.assertGreater(aware["quantized"]["cosine_mean"], 0.95)
+    # per-layer logs: the method's time and GPTQ's loss
+    layer = aware["layers"]["layer_0/ffn_in/kernel"]
+    self.assertGreater(layer["seconds"], 0)
+    self.assertGreater(layer["loss"], 0)
     back = checkpoint.restore(f"{workdir}/checkpoint")
     self.assertIsInstance(
       back["layer_0"]["ffn_in"]["kernel"], smoothquant.Smoothed
