@@ -13,6 +13,7 @@ A run writes into `workdir`:
 """
 
 import csv
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -234,6 +235,27 @@ def act_recipe_from_config(config, task=None):
   return act.ActRecipe(tuple(rules))
 
 
+def calibration_rules(recipe, config):
+  """The activation rules weight calibration runs under (act.weights_see).
+  A kernel the 'hadamard' stage will rotate is float while it calibrates,
+  so the rules rotate the input themselves with the stage's R (its block
+  and seed), as the Rotated leaf will at inference. Every input a rule
+  matches is rotated, also of a layer the stage does not reach (a
+  depthwise conv kept on RTN): there the statistics see a rotation that
+  inference will not apply."""
+  if "hadamard" not in _stages(config):
+    return recipe
+  rules = []
+  for r in recipe.rules:
+    q = r.quant
+    if q is not None and q.rotate is None:
+      q = dataclasses.replace(
+        q, rotate=config.hadamard.block, rotate_seed=config.hadamard.seed
+      )
+    rules.append(dataclasses.replace(r, quant=q))
+  return act.ActRecipe(tuple(rules))
+
+
 def _act_name(config) -> str:
   if config.get("act_recipe"):
     return "_actrecipe"
@@ -390,7 +412,7 @@ def run(config, workdir) -> dict:
     if weights_see:
       # Static scales come from the float model here: the quantized one
       # does not exist yet.
-      extra["activations"] = act_recipe
+      extra["activations"] = calibration_rules(act_recipe, config)
       extra["act_scales"] = _act_scales(
         task, params, params, config, act_recipe
       )

@@ -59,6 +59,15 @@ class ConfigTest(absltest.TestCase):
       with self.assertRaisesRegex(ValueError, "method"):
         run_lib.recipe_from_config(minilm_config.get_config(f"method={bad}"))
 
+  def test_rotated_methods_calibrate_on_rotated_inputs(self):
+    c = smollm2_config.get_config("method=hadamard+gptq,act=int4,kv=int8")
+    c.act.weights_see = True
+    rules = run_lib.calibration_rules(run_lib.act_recipe_from_config(c), c)
+    self.assertEqual([r.quant.rotate for r in rules.rules], [0, 0])
+    plain = smollm2_config.get_config("method=gptq,act=int4")
+    recipe = run_lib.act_recipe_from_config(plain)
+    self.assertIs(run_lib.calibration_rules(recipe, plain), recipe)
+
   def test_bad_combinations_are_named(self):
     c = fmnist_config.get_config("bits=8")
     c.act.weights_see = True
