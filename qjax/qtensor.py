@@ -267,7 +267,8 @@ def matrix_scaling(scaling: Scaling, shape, split: int) -> Scaling:
       shape and the scalings that fit).
   """
   shape = tuple(int(n) for n in shape)
-  block = scaling.block_shape(shape)
+  # a ragged block longer than its axis is one short block: the whole axis
+  block = tuple(min(b, n) for b, n in zip(scaling.block_shape(shape), shape))
   ins, outs = shape[:split], shape[split:]
   b_in, b_out = block[:split], block[split:]
   d, o = math.prod(ins), math.prod(outs)

@@ -30,6 +30,21 @@ class DispatchTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "'c/k'.*size 16 do not match"):
       dispatch.apply_rule(rule, jnp.ones((3, 3, 16, 8)), stats, "c/k")
 
+  def test_a_ragged_block_longer_than_the_channels_is_one_block(self):
+    # MobileNetV2's 16-channel pointwise convs under mxfp4 (blocks of 32,
+    # ragged): one short block per output, the same scales as RTN's, and
+    # GPTQ of the conv is GPTQ of its [16, 8] matrix
+    w = jax.random.normal(jax.random.key(0), (1, 1, 16, 8))
+    x = jax.random.normal(jax.random.key(1), (64, 16))
+    stats = base.Stats(hessian=x.T @ x)
+    rule = qjax.rule("k", "mxfp4", method="gptq", axis=-2, ragged=True)
+    got = dispatch.apply_rule(rule, w, stats, "conv/k").leaf
+    matrix = qjax.rule("k", "mxfp4", method="gptq", axis=-2, ragged=True)
+    want = dispatch.apply_rule(matrix, w[0, 0], stats, "m/k").leaf
+    np.testing.assert_array_equal(got.codes.reshape(-1), want.codes.reshape(-1))
+    np.testing.assert_array_equal(got.scale.reshape(-1), want.scale.reshape(-1))
+    self.assertEqual(got.scale.shape, (1, 1, 1, 8))
+
   def test_each_leaf_gets_its_own_key(self):
     w = jax.random.uniform(jax.random.key(3), (8, 8))
     params = {"a": {"kernel": w}, "b": {"kernel": w}}

@@ -44,6 +44,35 @@ class NotebooksTest(absltest.TestCase):
     ]
     self.assertLen(images, 1)
 
+  def test_activations_runs(self):
+    nb = nbformat.read(NOTEBOOKS / "activations.ipynb", as_version=4)
+    NotebookClient(nb, timeout=900, kernel_name="python3").execute(
+      cwd=str(NOTEBOOKS)
+    )
+    text = "".join(
+      o.get("text", "")
+      for c in nb.cells
+      if c.cell_type == "code"
+      for o in c.get("outputs", [])
+    )
+    cos = dict(
+      (line[:38].strip(), float(line.split("cosine")[-1]))
+      for line in text.splitlines()
+      if "cosine" in line
+    )
+    self.assertGreater(cos["W8A8 int8 per token"], 0.99)
+    self.assertGreater(
+      cos["W8A8 int8 per token, Hadamard"], cos["W8A8 int8 per token"]
+    )
+    self.assertIn("W4A4 nvfp4 GPTQ on quantized inputs", cos)
+    images = [
+      o
+      for c in nb.cells
+      for o in c.get("outputs", [])
+      if "image/png" in o.get("data", {})
+    ]
+    self.assertLen(images, 1)
+
 
 if __name__ == "__main__":
   absltest.main()

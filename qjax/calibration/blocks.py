@@ -29,7 +29,7 @@ is the target. A walk that does this sets `applies_input_hook = True`.
 
 import contextlib
 import contextvars
-import functools
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -60,11 +60,23 @@ def current_hook():
   return _INPUT_HOOK.get()
 
 
-def hook_for(prefix: str):
-  """enter(root) -> context, the active hook for a block named `prefix`
-  (a hashable static argument for jit), or None without rules."""
+@dataclasses.dataclass(frozen=True)
+class Enter:
+  """enter(root) -> the hook's context for the block named `prefix`.
+  Equal for equal (hook, prefix), so as a static jit argument every batch
+  and every call for one block of one run reuses one compilation."""
+
+  hook: Callable
+  prefix: str
+
+  def __call__(self, root=None):
+    return self.hook(self.prefix, root)
+
+
+def hook_for(prefix: str) -> Enter | None:
+  """The active hook for a block named `prefix`, or None without rules."""
   hook = _INPUT_HOOK.get()
-  return None if hook is None else functools.partial(hook, prefix)
+  return None if hook is None else Enter(hook, prefix)
 
 
 def under_hook(prefix: str, root=None):
@@ -131,10 +143,12 @@ class BlockModel(NamedTuple):
 
   def run(self, name, block, call):
     args, kwargs = call
-    with under_hook(name):
-      return self.module(name).apply(
-        self.variables(name, block), *args, **kwargs
+    enter = hook_for(name)
+    if enter is not None:  # jitted: eager fake-quant compiles every op
+      return capture.apply_under(
+        self.module(name), self.variables(name, block), args, kwargs, enter
       )
+    return self.module(name).apply(self.variables(name, block), *args, **kwargs)
 
   def hessians(self, name, block, calls, absmax_out=None) -> dict:
     h, _ = capture.dense_hessians(

@@ -89,6 +89,22 @@ def _capture(module, variables, args, kwargs=None, static=(), enter=None):
 _capture_jit = jax.jit(_capture, static_argnums=(0, 4, 5))
 
 
+def _apply_under(module, variables, args, arrays, static, enter):
+  with enter(None):
+    return module.apply(variables, *args, **arrays, **dict(static))
+
+
+_apply_under_jit = jax.jit(_apply_under, static_argnums=(0, 4, 5))
+
+
+def apply_under(module, variables, args, kwargs, enter):
+  """module.apply under the activation rules of `enter`
+  (qjax.calibration.blocks.hook_for), jitted: run op by op, the fake-quant
+  of every layer input would compile each op for each batch shape."""
+  arrays, static = split_kwargs(kwargs or {})
+  return _apply_under_jit(module, variables, tuple(args), arrays, static, enter)
+
+
 def split_kwargs(kwargs) -> tuple[dict, tuple]:
   """(array-valued kwargs, the rest as a hashable tuple): arrays are traced,
   flags and other Python values are static jit arguments."""

@@ -237,10 +237,13 @@ class LinenWalk(_Walk):
 
   def run(self, name, block, call):
     args, kwargs = call
-    with under_hook(name):
-      return self._module(name).apply(
-        {"params": block, **self._extra(name)}, *args, **kwargs
+    variables = {"params": block, **self._extra(name)}
+    enter = hook_for(name)
+    if enter is not None:  # jitted: eager fake-quant compiles every op
+      return capture.apply_under(
+        self._module(name), variables, args, kwargs, enter
       )
+    return self._module(name).apply(variables, *args, **kwargs)
 
   def hessians(self, name, block, calls, absmax_out=None) -> dict:
     variables = {"params": block, **self._extra(name)}
