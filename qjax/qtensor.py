@@ -284,7 +284,11 @@ def matrix_scaling(scaling: Scaling, shape, split: int) -> Scaling:
     rows = b_in[-1]
   else:
     rows = None
-  ragged_cut = rows not in (None, d) and split > 1 and ins[-1] % rows != 0
+  # a short last block along the last input axis stays one block of the
+  # matrix only when that axis is all of the matrix rows (a 1x1 conv)
+  ragged_cut = (
+    rows not in (None, d) and math.prod(ins[:-1]) > 1 and ins[-1] % rows != 0
+  )
   if rows is None or cols is None or (cols == o and rows != d) or ragged_cut:
     raise ValueError(
       f"scaling {scaling.spec()} on a kernel {shape} with {split} input "

@@ -44,6 +44,15 @@ class DispatchTest(absltest.TestCase):
     np.testing.assert_array_equal(got.codes.reshape(-1), want.codes.reshape(-1))
     np.testing.assert_array_equal(got.scale.reshape(-1), want.scale.reshape(-1))
     self.assertEqual(got.scale.shape, (1, 1, 1, 8))
+    # 144 channels: four blocks of 32 and a short one of 16
+    w = jax.random.normal(jax.random.key(2), (1, 1, 144, 8))
+    x = jax.random.normal(jax.random.key(3), (256, 144))
+    stats = base.Stats(hessian=x.T @ x)
+    got = dispatch.apply_rule(rule, w, stats, "conv/k").leaf
+    want = dispatch.apply_rule(matrix, w[0, 0], stats, "m/k").leaf
+    np.testing.assert_array_equal(got.codes.reshape(-1), want.codes.reshape(-1))
+    np.testing.assert_array_equal(got.scale.reshape(-1), want.scale.reshape(-1))
+    self.assertEqual(got.scale.shape, (1, 1, 5, 8))
 
   def test_each_leaf_gets_its_own_key(self):
     w = jax.random.uniform(jax.random.key(3), (8, 8))
