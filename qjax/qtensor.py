@@ -268,7 +268,9 @@ def matrix_scaling(scaling: Scaling, shape, split: int) -> Scaling:
   """
   shape = tuple(int(n) for n in shape)
   # a ragged block longer than its axis is one short block: the whole axis
-  block = tuple(min(b, n) for b, n in zip(scaling.block_shape(shape), shape))
+  block = tuple(
+    min(b, n) for b, n in zip(scaling.block_shape(shape), shape, strict=True)
+  )
   ins, outs = shape[:split], shape[split:]
   b_in, b_out = block[:split], block[split:]
   d, o = math.prod(ins), math.prod(outs)
