@@ -398,7 +398,9 @@ def table(results) -> str:
   return "\n".join(lines)
 
 
-def plot(results, path, title="SmolLM2-135M"):
+def plot(
+  results, path, title="SmolLM2-135M", layers="all Dense inputs and weights"
+):
   import matplotlib  # noqa: PLC0415
 
   matplotlib.use("Agg")
@@ -421,7 +423,7 @@ def plot(results, path, title="SmolLM2-135M"):
     ax.set_ylabel("1 - embedding cosine to float (log scale)")
   ax.set_xticks(range(3), fmts)
   ax.set_yscale("log")
-  ax.set_title(f"{title}, W4A4 (all Dense inputs and weights)")
+  ax.set_title(f"{title}, W4A4 ({layers})")
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -474,7 +476,10 @@ def main(argv):
       "minilm": "MiniLM-L6",
       "mobilenet_v2": "MobileNetV2",
     }[model]
-    plot(results, f.plot, title)
+    layers = "all Dense inputs and weights"
+    if model == "mobilenet_v2":
+      layers = "every conv and the classifier; the image stays float"
+    plot(results, f.plot, title, layers)
 
 
 if __name__ == "__main__":
