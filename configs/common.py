@@ -58,6 +58,7 @@ ALIASES = {
   "qaf_inner": ("qaf.inner",),
   "windows": ("eval.windows",),
   "window": ("eval.window", "calib.window"),
+  "text": ("eval.text",),
   "calib_windows": ("calib.windows",),
   "sentences": ("eval.sentences",),
   "calib_sentences": ("calib.sentences",),

@@ -17,7 +17,8 @@
                                 # GPTQ calibrated on nvfp4 inputs
 
 Fields as configs/common.py, plus eval.windows / eval.window (evaluation
-windows from the start of the text), calib.windows (calibration windows
+windows from the start of the text), eval.text (a UTF-8 file to evaluate on
+instead of the KJV), calib.windows (calibration windows
 from its end, disjoint from evaluation) and calib.precision ('float64':
 calibration forward passes in float64).
 """
@@ -33,7 +34,8 @@ def get_config(arg=None):
   # at 4 bits; docs/gptq_magr.md).
   c.method = "gptq"
   c.zero_point = True
-  c.eval = {"windows": 8, "window": 512}
+  # eval.text: '' = the KJV; or a UTF-8 file of your own (docs/models.md).
+  c.eval = {"windows": 8, "window": 512, "text": ""}
   # calib.subset k > 0: the k-th run of 16 windows before the last one.
   # calib.precision: the calibration forward passes and H in float64, so
   # that GPTQ's codes (and the main job's perplexity) do not depend on the

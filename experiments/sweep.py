@@ -33,9 +33,14 @@ _CHECKPOINTS = flags.DEFINE_bool(
 
 def load_config(entry: str):
   """'configs/smollm2.py:bits=3' -> the ConfigDict get_config('bits=3')."""
-  path, _, arg = entry.partition(":")
+  from experiments import cli
+
+  path, _, arg = cli.resolve_config(entry).partition(":")
   if not pathlib.Path(path).exists():
-    raise ValueError(f"config file {path!r} does not exist")
+    raise ValueError(
+      f"config file {path!r} does not exist (packaged configs: "
+      f"{', '.join(cli.packaged_configs())})"
+    )
   spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

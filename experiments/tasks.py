@@ -15,6 +15,7 @@ default, and an LM's `kv_pattern` its KV-cache taps.
 """
 
 import functools
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -60,11 +61,20 @@ class SmolLM2Task:
 
   @staticmethod
   @functools.lru_cache(maxsize=4)
-  def _windows(window, count):
+  def _windows(window, count, text_file=""):
+    """`count` windows of `window` tokens from the start of the evaluation
+    text: the KJV, or `text_file` (UTF-8; e.g. a WikiText-2 test split
+    you have on disk, which no package registry ships)."""
     need = window * count
-    text = datasets.kjv_text()
+    if text_file:
+      text = pathlib.Path(text_file).read_text(encoding="utf-8")
+    else:
+      text = datasets.kjv_text()
     ids = smollm2.tokenizer().encode(text[: 8 * need]).ids  # ~4 chars/token
-    return qmetrics.token_windows(ids, window, count)
+    try:
+      return qmetrics.token_windows(ids, window, count)
+    except ValueError as e:
+      raise ValueError(f"eval.text {text_file or 'KJV'}: {e}") from e
 
   def reference(self, params, config):
     return None
@@ -87,7 +97,9 @@ class SmolLM2Task:
     return [jnp.asarray(w[None]) for w in windows[:count]]
 
   def score(self, params, config, reference, activations=None, act_scales=None):
-    windows = self._windows(config.eval.window, config.eval.windows)
+    windows = self._windows(
+      config.eval.window, config.eval.windows, config.eval.get("text", "")
+    )
     if activations is None:
       fn = smollm2.logits
     else:

@@ -10,7 +10,10 @@ import tempfile
 
 from absl.testing import absltest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1] / "qjax"
+import qjax
+
+# The package that imports (a clone's qjax/, or the installed one).
+ROOT = pathlib.Path(qjax.__file__).resolve().parent
 
 # Lower number = lower layer. A module may import its own package and any
 # lower layer; a module not listed takes its package's entry.

@@ -1,6 +1,8 @@
-"""Every notebook runs top to bottom on a CPU."""
+"""Every notebook runs top to bottom on a CPU, and prints what shows its
+capability works (a broken capability changes a printed number)."""
 
 import pathlib
+import re
 
 import nbformat
 import pytest
@@ -12,66 +14,122 @@ pytestmark = pytest.mark.e2e  # make test-quick skips end-to-end runs
 NOTEBOOKS = pathlib.Path(__file__).parent.parent / "notebooks"
 
 
+def _run(name: str, timeout: int = 900) -> tuple[str, int]:
+  """Executes notebooks/<name>.ipynb; returns its printed text and the
+  number of images it showed."""
+  nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+  NotebookClient(nb, timeout=timeout, kernel_name="python3").execute(
+    cwd=str(NOTEBOOKS)
+  )
+  outputs = [
+    o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+  ]
+  text = "".join(o.get("text", "") for o in outputs)
+  images = sum("image/png" in o.get("data", {}) for o in outputs)
+  return text, images
+
+
+def _numbers(text: str, key: str) -> dict[str, float]:
+  """{line prefix: number after `key`} for every printed line with `key`."""
+  out = {}
+  for line in text.splitlines():
+    if key in line:
+      head, _, tail = line.partition(key)
+      out[head.strip()] = float(tail.split()[0])
+  return out
+
+
 class NotebooksTest(absltest.TestCase):
-  def test_no_notebook_installs_a_pypi_name_qjax_does_not_own(self):
+  def test_every_notebook_installs_from_the_repository(self):
     # The PyPI package called qjax is another project: install from the
     # repository (a git URL or a path), never by that name.
-    for path in NOTEBOOKS.glob("*.ipynb"):
-      text = " ".join(
-        "".join(c["source"]) for c in nbformat.read(path, as_version=4).cells
-      )
+    books = list(NOTEBOOKS.glob("*.ipynb"))
+    self.assertGreaterEqual(len(books), 9)
+    for path in books:
+      cells = nbformat.read(path, as_version=4).cells
+      text = " ".join("".join(c["source"]) for c in cells)
       self.assertNotRegex(text, r"pip install[^\n]*\bqjax\b(?![/.\w])", path)
-      self.assertIn("QJAX_SOURCE", text, path)
+      first_code = next(c for c in cells if c.cell_type == "code")
+      self.assertIn("QJAX_SOURCE", first_code.source, path)
 
   def test_quickstart_runs(self):
-    nb = nbformat.read(NOTEBOOKS / "quickstart.ipynb", as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3").execute(
-      cwd=str(NOTEBOOKS)
-    )
-    text = "".join(
-      o.get("text", "")
-      for c in nb.cells
-      if c.cell_type == "code"
-      for o in c.get("outputs", [])
-    )
+    text, images = _run("quickstart", 600)
     self.assertIn("mxfp4", text)
     self.assertIn("4.250", text)  # mxfp4's exact bits per weight
-    images = [
-      o
-      for c in nb.cells
-      for o in c.get("outputs", [])
-      if "image/png" in o.get("data", {})
-    ]
-    self.assertLen(images, 1)
+    self.assertEqual(images, 1)
 
   def test_activations_runs(self):
-    nb = nbformat.read(NOTEBOOKS / "activations.ipynb", as_version=4)
-    NotebookClient(nb, timeout=900, kernel_name="python3").execute(
-      cwd=str(NOTEBOOKS)
-    )
-    text = "".join(
-      o.get("text", "")
-      for c in nb.cells
-      if c.cell_type == "code"
-      for o in c.get("outputs", [])
-    )
-    cos = dict(
-      (line[:38].strip(), float(line.split("cosine")[-1]))
-      for line in text.splitlines()
-      if "cosine" in line
-    )
+    text, images = _run("activations")
+    cos = _numbers(text, "cosine")
     self.assertGreater(cos["W8A8 int8 per token"], 0.99)
     self.assertGreater(
       cos["W8A8 int8 per token, Hadamard"], cos["W8A8 int8 per token"]
     )
     self.assertIn("W4A4 nvfp4 GPTQ on quantized inputs", cos)
-    images = [
-      o
-      for c in nb.cells
-      for o in c.get("outputs", [])
-      if "image/png" in o.get("data", {})
-    ]
-    self.assertLen(images, 1)
+    self.assertEqual(images, 1)
+
+  def test_formats_runs(self):
+    text, images = _run("formats", 300)
+    self.assertEqual(text.count("bit-identical to ml_dtypes: True"), 5)
+    self.assertNotIn("ml_dtypes: False", text)
+    self.assertIn("[0. 1. 1. 2.]", text)  # ties to even on e1m2
+    self.assertIn("= 3.0 bits per value", text)
+    self.assertEqual(images, 1)
+
+  def test_gptq_magr_runs(self):
+    text, images = _run("gptq_magr")
+    cos = _numbers(text, "cosine")
+    self.assertLen(cos, 6)
+    self.assertGreater(cos["int3 gptq"], cos["int3 rtn"])
+    self.assertGreater(cos["int4 gptq"], cos["int4 rtn"])
+    self.assertIn("has no option 'act_ordr'", text)
+    self.assertEqual(images, 1)
+
+  def test_error_diffusion_runs(self):
+    text, images = _run("error_diffusion")
+    cos = _numbers(text, "cosine")
+    self.assertEqual(
+      set(cos), {"mxfp4 rtn", "mxfp4 gptq", "mxfp4 ed", "mxfp4 gpfq"}
+    )
+    self.assertGreater(cos["mxfp4 ed"], cos["mxfp4 rtn"])
+    self.assertIn("4.250 bits/weight", text)
+    self.assertEqual(images, 1)
+
+  def test_pipe_runs(self):
+    text, images = _run("pipe")
+    cos = _numbers(text, "cosine")
+    dense = [v for k, v in cos.items() if "keep 1.0" in k]
+    self.assertLen(dense, 3)
+    self.assertEqual(dense, sorted(dense))  # each order adds precision
+    self.assertEqual(text.count(": True"), 3)  # the error bound holds
+    self.assertEqual(images, 1)
+
+  def test_qaf_runs(self):
+    text, images = _run("qaf")
+    rows = re.findall(r"SQNR QAF ([\d.-]+) dB, FTQ ([\d.-]+) dB", text)
+    self.assertLen(rows, 3)
+    for qaf, ftq in rows:
+      self.assertGreater(float(qaf), float(ftq))
+    accuracy = _numbers(text, "accuracy")
+    (qaf_accuracy,) = [v for k, v in accuracy.items() if k.startswith("QAF")]
+    self.assertGreater(qaf_accuracy, 0.8)
+    self.assertEqual(images, 1)
+
+  def test_kernels_runs(self):
+    text, images = _run("kernels")
+    errors = [float(x) for x in re.findall(r"= ([\d.e+-]+)\n", text)]
+    self.assertLen(errors, 6)  # five formats and the whole model
+    self.assertLess(max(errors), 1e-3)
+    interpreted = _numbers(text, "vs reference:")
+    self.assertLess(max(interpreted.values()), 1e-4)
+    self.assertEqual(images, 1)
+
+  def test_convert_runs(self):
+    text, images = _run("convert")
+    self.assertIn("round trip bit for bit: True", text)
+    self.assertIn("qwix.dequantize == QTensor.dequantize: True", text)
+    self.assertIn("'x'", text)  # codes sharded over the mesh axis
+    self.assertEqual(images, 1)
 
 
 if __name__ == "__main__":

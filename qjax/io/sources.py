@@ -267,7 +267,9 @@ class OrbaxSource(Source):
   def __init__(self, directory):
     self.file = pathlib.Path(directory).absolute()
     try:
-      tree = ocp.StandardCheckpointer().metadata(self.file).item_metadata.tree
+      meta = ocp.StandardCheckpointer().metadata(self.file)
+      # Newer orbax wraps the tree's metadata in `item_metadata`.
+      tree = getattr(meta, "item_metadata", meta).tree
     except Exception as e:
       raise ValueError(
         f"{self.file}: not a readable orbax checkpoint "

@@ -36,7 +36,8 @@ def slot_values(byte_tiles, j: int, fmt, zero=None) -> jax.Array:
   """Decoded float32 [rows, w] of slot j, minus its zero point if any."""
   values = decode.decode(slot_codes(byte_tiles, j, fmt.bits), fmt)
   if zero is not None:
-    values = values - zero.astype(jnp.float32)
+    # Through int32: older Mosaic (jax 0.9) has no uint8 -> float32 cast.
+    values = values - zero.astype(jnp.int32).astype(jnp.float32)
   return values
 
 
