@@ -10,7 +10,7 @@ Terms used throughout:
 """
 
 from qjax import activations, formats
-from qjax.api import dequantize, plan, quantize, stats
+from qjax.api import dequantize, plan, quantize, sqnr_db, stats
 from qjax.inference import apply
 from qjax.methods import (
   FTQ,
@@ -76,5 +76,6 @@ __all__ = [
   "register_composite",
   "rtn",
   "rule",
+  "sqnr_db",
   "stats",
 ]

@@ -79,9 +79,9 @@ class NotebooksTest(absltest.TestCase):
   def test_gptq_magr_runs(self):
     text, images = _run("gptq_magr")
     cos = _numbers(text, "cosine")
-    self.assertLen(cos, 6)
+    self.assertLen(cos, 3)
     self.assertGreater(cos["int3 gptq"], cos["int3 rtn"])
-    self.assertGreater(cos["int4 gptq"], cos["int4 rtn"])
+    self.assertGreater(cos["int3 magr+gptq"], cos["int3 rtn"])
     self.assertIn("has no option 'act_ordr'", text)
     self.assertEqual(images, 1)
 
@@ -110,9 +110,8 @@ class NotebooksTest(absltest.TestCase):
     self.assertLen(rows, 3)
     for qaf, ftq in rows:
       self.assertGreater(float(qaf), float(ftq))
-    accuracy = _numbers(text, "accuracy")
-    (qaf_accuracy,) = [v for k, v in accuracy.items() if k.startswith("QAF")]
-    self.assertGreater(qaf_accuracy, 0.8)
+    (accuracy,) = re.findall(r"QAF conv2 .*: accuracy ([\d.]+)", text)
+    self.assertGreater(float(accuracy), 0.8)
     self.assertEqual(images, 1)
 
   def test_kernels_runs(self):
