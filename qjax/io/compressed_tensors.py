@@ -36,6 +36,7 @@ leaves no file that loads.
 """
 
 import json
+import mmap
 import os
 import pathlib
 import struct
@@ -47,24 +48,12 @@ import numpy as np
 from qjax import qtensor
 from qjax.formats import integer, presets
 from qjax.io import linear_codes as lc_lib
+from qjax.io import sources
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 _E2M1 = presets.PRESETS["float4_e2m1fn"]
 _E4M3 = presets.PRESETS["float8_e4m3fn"]
-_DTYPES = {
-  "F64": np.float64,
-  "F32": np.float32,
-  "F16": np.float16,
-  "BF16": ml_dtypes.bfloat16,
-  "F8_E4M3": ml_dtypes.float8_e4m3fn,
-  "I64": np.int64,
-  "I32": np.int32,
-  "I16": np.int16,
-  "I8": np.int8,
-  "U8": np.uint8,
-  "BOOL": np.bool_,
-}
 
 
 def _same_grid(fmt, preset) -> bool:
@@ -85,7 +74,7 @@ def scheme_of(qt: qtensor.QTensor, path: str) -> str:
   fmt, s = qt.fmt, qt.scaling
   float_scale = s.scale_format in ("float32", "float16", "bfloat16")
   if isinstance(fmt, integer.IntFormat) and float_scale:
-    plain = fmt.step_exponent == 0 and not fmt.symmetric and fmt.bits in (4, 8)
+    plain = fmt.step_exponent == 0 and fmt.bits in (4, 8)
     if plain and fmt.signed != s.zero_point and not s.tensor_scale:
       return "pack-quantized"
   if _same_grid(fmt, _E4M3) and float_scale and not s.zero_point:
@@ -303,34 +292,40 @@ def _save_safetensors_atomic(tensors, file: pathlib.Path, metadata) -> None:
 
 def read_safetensors(file) -> tuple[dict[str, np.ndarray], dict]:
   """Every tensor of a safetensors file (F8_E4M3 as ml_dtypes, which the
-  safetensors package's numpy reader lacks) and its __metadata__.
+  safetensors package's numpy reader lacks) and its __metadata__. The
+  arrays are read-only views of a memory map of the file.
 
   Raises:
     ValueError: naming the file (and tensor), when it is truncated or its
       header is not valid.
   """
   file = pathlib.Path(file)
-  data = file.read_bytes()
+  with open(file, "rb") as f:
+    try:
+      data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except ValueError as e:  # an empty file cannot be mapped
+      raise ValueError(f"{file}: not a safetensors file ({e})") from e
   try:
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
   except (struct.error, ValueError, UnicodeDecodeError) as e:
     raise ValueError(f"{file}: not a safetensors file ({e})") from e
-  body = memoryview(data)[8 + n :]
+  start, size = 8 + n, len(data) - 8 - n
   metadata = header.pop("__metadata__", {}) or {}
   out = {}
   for name, h in header.items():
     begin, end = h["data_offsets"]
-    dtype = np.dtype(_DTYPES.get(h["dtype"], np.void))
+    dtype = np.dtype(sources.SAFETENSORS_DTYPES.get(h["dtype"], np.void))
     if dtype == np.void:
       raise ValueError(f"{file}: tensor {name!r} has dtype {h['dtype']}")
-    want = int(np.prod(h["shape"], dtype=np.int64)) * dtype.itemsize
-    if end > len(body) or end - begin != want:
+    count = int(np.prod(h["shape"], dtype=np.int64))
+    if end > size or end - begin != count * dtype.itemsize:
       raise ValueError(
         f"{file}: tensor {name!r} needs bytes [{begin}, {end}) of a "
-        f"{len(body)}-byte body; the file is truncated or corrupt"
+        f"{size}-byte body; the file is truncated or corrupt"
       )
-    out[name] = np.frombuffer(body[begin:end], dtype).reshape(h["shape"])
+    x = np.frombuffer(data, dtype, count, offset=start + begin)
+    out[name] = x.reshape(h["shape"])
   return out, metadata
 
 

@@ -22,6 +22,7 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -175,24 +176,27 @@ class SafetensorsSource(_NamedTensors):
     return lambda index: s[index]
 
 
-def _safetensors_dtype(name: str) -> np.dtype:
-  import ml_dtypes
+# safetensors dtype names -> numpy dtypes (ml_dtypes for the float8 ones).
+SAFETENSORS_DTYPES = {
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "BF16": ml_dtypes.bfloat16,
+  "F8_E4M3": ml_dtypes.float8_e4m3fn,
+  "F8_E5M2": ml_dtypes.float8_e5m2,
+  "I64": np.int64,
+  "I32": np.int32,
+  "I16": np.int16,
+  "I8": np.int8,
+  "U8": np.uint8,
+  "BOOL": np.bool_,
+}
 
-  table = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-  }
-  if name not in table:
+
+def _safetensors_dtype(name: str) -> np.dtype:
+  if name not in SAFETENSORS_DTYPES:
     raise ValueError(f"unsupported safetensors dtype {name}")
-  return np.dtype(table[name])
+  return np.dtype(SAFETENSORS_DTYPES[name])
 
 
 class GGUFSource(_NamedTensors):
