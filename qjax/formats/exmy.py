@@ -23,10 +23,11 @@ not kept). Overflow is judged after rounding: a value whose rounded magnitude
 exceeds the largest finite code saturates (`overflow='saturate'`) or becomes
 Inf/NaN (`overflow='nonfinite'`; Inf for ieee, NaN for fn/fnuz).
 
-ml_dtypes' float8_e8m0fnu rounds every float32 *subnormal* input above
-2^-127 up to 2^-126 (inputs in (2^-127, 1.5 * 2^-127) are nearer 2^-127).
-The preset reproduces that with `subnormal_inputs_round_up=True`, so it
-matches ml_dtypes bit for bit; set it False for round-to-nearest.
+ml_dtypes' float8_e8m0fnu before 0.7.0 rounded every float32 *subnormal*
+input above 2^-127 up to 2^-126 (inputs in (2^-127, 1.5 * 2^-127) are
+nearer 2^-127); 0.7.0 rounds them to nearest like every other input, and so
+does the preset (qjax needs ml_dtypes >= 0.7.0).
+`subnormal_inputs_round_up=True` reproduces the older behaviour.
 """
 
 import dataclasses
@@ -104,7 +105,8 @@ class ExMy:
       inputs below the smallest value encode as it, zero encodes as NaN.
     rounding: default rounding mode of `encode`.
     subnormal_inputs_round_up: round float32 subnormal inputs up instead of
-      by `rounding` (ml_dtypes' float8_e8m0fnu does; see the module doc).
+      by `rounding` (ml_dtypes' float8_e8m0fnu before 0.7.0 did; see the
+      module doc).
     name: display name; not part of equality.
   """
 

@@ -28,8 +28,9 @@ PRESETS: dict[str, ExMy] = {
     _preset("float6_e2m3fn", 2, 3),
     _preset("float6_e3m2fn", 3, 2),
     _preset("float4_e2m1fn", 2, 1),
-    # E8M0: unsigned powers of two, no zero. ml_dtypes rounds ties up, and
-    # rounds float32 subnormal inputs up (see qjax.formats.exmy).
+    # E8M0: unsigned powers of two, no zero. ml_dtypes rounds ties up;
+    # since 0.7.0 float32 subnormal inputs round to nearest like the others
+    # (see qjax.formats.exmy).
     _preset(
       "float8_e8m0fnu",
       8,
@@ -38,7 +39,6 @@ PRESETS: dict[str, ExMy] = {
       signed=False,
       subnormals=False,
       rounding="nearest_away",
-      subnormal_inputs_round_up=True,
     ),
     _preset("bfloat16", 8, 7, special="ieee"),
     _preset("float16", 5, 10, special="ieee"),

@@ -167,14 +167,19 @@ class MlDtypesBitExactTest(parameterized.TestCase):
   def test_e8m0_float32_subnormal_inputs(self):
     bits = np.arange(0x400000, 0x800000, 997, dtype=np.uint32)
     x = bits.view(np.float32)
-    preset = formats.get("float8_e8m0fnu")  # as ml_dtypes: anything above up
-    np.testing.assert_array_equal(
-      np.asarray(preset.encode(x)), np.where(bits > 0x400000, 1, 0)
-    )
-    nearest = dataclasses.replace(preset, subnormal_inputs_round_up=False)
+    preset = formats.get("float8_e8m0fnu")  # as ml_dtypes >= 0.7.0
     # 1.5 * 2^-127 is the tie between 2^-127 and 2^-126: ties go up.
     np.testing.assert_array_equal(
-      np.asarray(nearest.encode(x)), np.where(bits >= 0x600000, 1, 0)
+      np.asarray(preset.encode(x)), np.where(bits >= 0x600000, 1, 0)
+    )
+    np.testing.assert_array_equal(
+      np.asarray(preset.encode(x)),
+      x.astype(ml_dtypes.float8_e8m0fnu).view(np.uint8),
+    )
+    old = dataclasses.replace(preset, subnormal_inputs_round_up=True)
+    # ml_dtypes before 0.7.0: anything above 2^-127 up.
+    np.testing.assert_array_equal(
+      np.asarray(old.encode(x)), np.where(bits > 0x400000, 1, 0)
     )
 
   @parameterized.parameters(*ML_DTYPES_PRESETS)
@@ -367,7 +372,7 @@ class TransformsAndErrorsTest(parameterized.TestCase):
     self.assertEqual(formats.get("float8_e4m3fn").spec(), "e4m3_b7_fn")
     self.assertEqual(
       formats.get("float8_e8m0fnu").spec(),
-      "ue8m0_b127_fn_nosub_nearest_away_subup",
+      "ue8m0_b127_fn_nosub_nearest_away",
     )
     self.assertEqual(str(formats.get("e3m3")), "e3m3")
 
