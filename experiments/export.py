@@ -83,6 +83,8 @@ def export(checkpoint, to: str, output, model: str = "") -> dict:
   tree = ckpt.restore(checkpoint)
   leaves = tree_leaves(tree)
   names = _names(model, to)
+  if names is not None:  # a checkpoint of the first blocks only
+    names = {p: v for p, v in names.items() if p in dict(leaves)}
   output = pathlib.Path(output)
   if to == "gguf":
     if names is None:

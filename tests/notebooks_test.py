@@ -29,6 +29,14 @@ def _run(name: str, timeout: int = 900) -> tuple[str, int]:
   return text, images
 
 
+def _accuracy_kl(text: str, fmt: str) -> dict[str, tuple[float, float]]:
+  """{method: (accuracy, KL)} from lines '<fmt> <method> accuracy A  KL K'."""
+  pattern = rf"^{fmt} (\S+)\s+accuracy ([\d.]+)\s+KL ([\d.e+-]+)$"
+  return {
+    m: (float(a), float(k)) for m, a, k in re.findall(pattern, text, re.M)
+  }
+
+
 def _numbers(text: str, key: str) -> dict[str, float]:
   """{line prefix: number after `key`} for every printed line with `key`."""
   out = {}
@@ -78,21 +86,21 @@ class NotebooksTest(absltest.TestCase):
 
   def test_gptq_magr_runs(self):
     text, images = _run("gptq_magr")
-    cos = _numbers(text, "cosine")
-    self.assertLen(cos, 3)
-    self.assertGreater(cos["int3 gptq"], cos["int3 rtn"])
-    self.assertGreater(cos["int3 magr+gptq"], cos["int3 rtn"])
+    rows = _accuracy_kl(text, "int2")
+    self.assertEqual(set(rows), {"rtn", "gptq", "magr+gptq"})
+    # At 2 bits RTN breaks the CNN; the Hessian methods keep it working.
+    self.assertLess(rows["rtn"][0], 0.6)
+    self.assertGreater(rows["gptq"][0], 0.8)
+    self.assertGreater(rows["magr+gptq"][0], 0.8)
     self.assertIn("has no option 'act_ordr'", text)
     self.assertEqual(images, 1)
 
   def test_error_diffusion_runs(self):
     text, images = _run("error_diffusion")
-    cos = _numbers(text, "cosine")
-    self.assertEqual(
-      set(cos), {"mxfp4 rtn", "mxfp4 gptq", "mxfp4 ed", "mxfp4 gpfq"}
-    )
-    self.assertGreater(cos["mxfp4 ed"], cos["mxfp4 rtn"])
-    self.assertIn("4.250 bits/weight", text)
+    rows = _accuracy_kl(text, "mxfp4")
+    self.assertEqual(set(rows), {"rtn", "gptq", "ed", "gpfq"})
+    self.assertLess(rows["ed"][1], rows["rtn"][1])  # KL to float
+    self.assertGreater(rows["ed"][0], 0.85)
     self.assertEqual(images, 1)
 
   def test_pipe_runs(self):
@@ -107,7 +115,7 @@ class NotebooksTest(absltest.TestCase):
   def test_qaf_runs(self):
     text, images = _run("qaf")
     rows = re.findall(r"SQNR QAF ([\d.-]+) dB, FTQ ([\d.-]+) dB", text)
-    self.assertLen(rows, 3)
+    self.assertLen(rows, 2)
     for qaf, ftq in rows:
       self.assertGreater(float(qaf), float(ftq))
     (accuracy,) = re.findall(r"QAF conv2 .*: accuracy ([\d.]+)", text)

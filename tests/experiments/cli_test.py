@@ -75,8 +75,7 @@ class Scripts(absltest.TestCase):
       out = subprocess.run(
         [
           _script("qjax-quantize"),
-          "--config=minilm:method=rtn,bits=8",
-          "--config.eval.sentences=16",
+          "--config=fmnist_cnn:method=rtn,bits=8",
           "--config.save_checkpoint=False",
           "--workdir=run",
         ],
@@ -87,7 +86,7 @@ class Scripts(absltest.TestCase):
       )
       self.assertEqual(out.returncode, 0, out.stderr[-3000:])
       metrics = json.loads((pathlib.Path(d) / "run/metrics.json").read_text())
-    self.assertEqual(metrics["model"], "minilm")
+    self.assertEqual(metrics["model"], "fmnist_cnn")
 
 
 if __name__ == "__main__":

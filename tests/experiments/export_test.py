@@ -1,8 +1,8 @@
-"""SmolLM2-135M quantized int4 in groups of 128, saved as a qjax
-checkpoint, exported and read back: GGUF (Q4_0) through gguf-py's own reader
-and compressed-tensors through qjax's reader give every leaf's values bit
-for bit, as does the main job's grid (uint4 with zero points, float32
-scales) in compressed-tensors."""
+"""SmolLM2-135M's first blocks quantized int4 in groups of 128, saved as a
+qjax checkpoint, exported and read back: GGUF (Q4_0) through gguf-py's own
+reader and compressed-tensors through qjax's reader give every leaf's values
+bit for bit, as does the main job's grid (uint4 with zero points, float32
+scales) in compressed-tensors. The whole model's run is in docs/export.md."""
 
 import pathlib
 import tempfile
@@ -19,9 +19,13 @@ from qjax.models import smollm2
 pytestmark = pytest.mark.e2e  # make test-quick skips end-to-end runs
 
 
+LAYERS = 4  # the full model's run is in docs/export.md (experiments/export.py)
+
+
 def _checkpoint(directory, fmt, scaling):
   rule = qjax.rule("kernel", fmt, scaling, ragged=True)
-  q = qjax.quantize(smollm2.load_params(), qjax.Recipe([rule]))
+  params = smollm2.load_params(layers=LAYERS)
+  q = qjax.quantize(params, qjax.Recipe([rule]))
   checkpoint.save(directory, q)
   return q
 
@@ -35,10 +39,7 @@ class SmolLM2Export(absltest.TestCase):
       c = export.export(d / "ckpt", "compressed-tensors", d / "ct", "smollm2")
     for s in (g, c):
       self.assertEqual(s["mismatched_leaves"], [])
-      self.assertEqual(s["quantized_leaves"], 30 * 7)
-    # 4.125 bits per projection weight against float32: the file shrinks
-    # by the projections' share (the embedding stays float32).
-    self.assertLess(g["file_bytes"], 0.5 * 4 * 134.5e6)
+      self.assertEqual(s["quantized_leaves"], LAYERS * 7)
 
   def test_main_job_grid_compressed_tensors(self):
     with tempfile.TemporaryDirectory() as d:
