@@ -139,7 +139,8 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   c.act_recipe = None
   # Record each calibrated block in workdir/resume and, when that directory
   # holds blocks of this run, go on after the last one (qjax.io.resume;
-  # GPTQ's sequential mode). Deleted once the run has finished.
+  # GPTQ's sequential mode and ED/GPFQ's two streams). Deleted once the run
+  # has finished.
   c.resume = False
   c.save_checkpoint = True
   return c

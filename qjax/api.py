@@ -86,10 +86,10 @@ def quantize(
       the rule quantizes its input in the model's basis.
     act_scales: static scales for `activations`
       (qjax.activations.calibrate on the float model).
-    resume: a qjax.io.resume.BlockLog (with `calib`, GPTQ's sequential
-      mode): every finished block is recorded, and a run started again
-      with the same log goes on after the last one, with the codes of an
-      uninterrupted run.
+    resume: a qjax.io.resume.BlockLog (with `calib`; GPTQ's sequential
+      mode and the two-stream driver of ED and GPFQ): every finished block
+      is recorded, and a run started again with the same log goes on after
+      the last one, with the codes of an uninterrupted run.
     layer_log: a list that gets one dict per quantized leaf: 'path',
       'method', 'seconds' (the method's wall time, compilation included),
       'sqnr_db', and with a Hessian 'loss' = tr(D^T H D) / 2, the mean
@@ -173,11 +173,6 @@ def _quantize(
     state, params = _pure(params)
     walk, batches = _walk(calib, params)
     if recipe.needs_two_streams:
-      if resume is not None:
-        raise ValueError(
-          "resume: two-stream methods (ED, GPFQ) are not resumable yet; "
-          "GPTQ's sequential mode (Hessian methods) is"
-        )
       if calib_precision != "float32":
         raise ValueError(
           f"calib_precision={calib_precision!r}: two-stream methods (ED, "
@@ -191,6 +186,7 @@ def _quantize(
         progress=progress,
         used=used,
         input_hook=hook,
+        resume=resume,
       )
     else:
       out = calibration.quantize_sequential(

@@ -20,10 +20,15 @@ Memory holds one block's activations, twice.
 
 Rank-deficient G (fewer calibration rows than inputs, dead inputs) is
 handled by the pseudo-inverse and reported in a warning naming the layer.
+
+With `resume` (qjax.io.resume.BlockLog) each finished block is recorded with
+both streams' outputs, so a killed run started again goes on after the last
+recorded block with the codes of an uninterrupted run.
 """
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
@@ -48,6 +53,7 @@ def quantize_two_stream(
   progress: bool = True,
   used: set | None = None,
   input_hook=None,
+  resume=None,
 ):
   """qjax.quantize with two-stream calibration (Error Diffusion's driver).
 
@@ -64,6 +70,11 @@ def quantize_two_stream(
       (qjax.activations.hooks.calibration_hook): X~ and the quantized
       blocks' outputs are those of the model with quantized inputs; the
       float stream, the target, stays float.
+    resume: a qjax.io.resume.BlockLog. Each finished block is recorded
+      with its quantized tree and both streams' outputs (the float and the
+      quantized block's, the next block's two inputs); a run started again
+      with the same log skips the recorded blocks and gives the codes of an
+      uninterrupted run bit for bit.
 
   Returns:
     The quantized tree (biases replaced where a method returns one, e.g.
@@ -86,9 +97,28 @@ def quantize_two_stream(
   calls_q = list(calls_f)
   stream_q = params  # the tree as the quantized model has it
   done, outs_f, outs_q = {}, None, None
-  for index, name in enumerate(
-    tqdm(walk.names, desc="diffuse+quantize", disable=not progress)
-  ):
+  start = 0
+  if resume is not None:
+    saved = resume.start(
+      fingerprint(recipe, walk, batches, input_hook), walk.names
+    )
+    if saved is not None:
+      last, done, (outs_f, outs_q), saved_used = saved
+      used |= saved_used
+      start = last + 1
+      outs_f = jax.tree.map(jnp.asarray, outs_f)
+      outs_q = jax.tree.map(jnp.asarray, outs_q)
+      if getattr(walk, "needs_tree", False):
+        for name, q_block in done.items():
+          stream_q = trees.replace(
+            stream_q, name, qtensor.dequantize_tree(q_block)
+          )
+  bar = tqdm(
+    walk.names, desc="diffuse+quantize", disable=not progress, initial=start
+  )
+  for index, name in enumerate(walk.names):
+    if index < start:
+      continue
     if index:
       calls_f = walk.next_calls(index, outs_f, params, batches)
       with quantized_stream():
@@ -156,4 +186,16 @@ def quantize_two_stream(
       outs_q = [walk.run(name, p_quant, cq) for cq in calls_q]
     if getattr(walk, "needs_tree", False):
       stream_q = trees.replace(stream_q, name, p_quant)
+    if resume is not None:
+      resume.block_done(index, name, q_block, (outs_f, outs_q), used)
+    bar.update()
+  bar.close()
   return _finish(params, recipe, walk, done, None, None, used)
+
+
+def fingerprint(recipe, walk, batches, input_hook) -> str:
+  """sequential.fingerprint, marked as this driver's (a log of GPTQ's
+  sequential mode holds one stream's outputs, not two)."""
+  return "driver: two-stream\n" + sequential.fingerprint(
+    recipe, walk, batches, "float32", None, input_hook
+  )

@@ -1,6 +1,7 @@
 """Resumable calibrated runs (qjax.io.resume): a run whose process dies
 after a block is recorded, started again with the same log, gives the codes
-of an uninterrupted run bit for bit, and does not redo the recorded blocks.
+of an uninterrupted run bit for bit, and does not redo the recorded blocks;
+for GPTQ's sequential mode and for the two-stream driver (Error Diffusion).
 """
 
 import os
@@ -39,14 +40,14 @@ class Net(nn.Module):
     return Block(name="block_3")(x)
 
 
-def _setup():
+def _setup(method="gptq"):
   net = Net()
   params = net.init(jax.random.key(0), jnp.ones((1, 16)))["params"]
   rng = np.random.default_rng(0)
   batches = [
     jnp.asarray(rng.standard_normal((32, 16)), jnp.float32) for _ in range(3)
   ]
-  recipe = qjax.Recipe((qjax.rule("kernel", "int4", method="gptq"),))
+  recipe = qjax.Recipe((qjax.rule("kernel", "int4", method=method),))
   return net, params, batches, recipe
 
 
@@ -69,8 +70,8 @@ class _DyingLog(resume.BlockLog):
       os._exit(3)  # no cleanup, as a killed job
 
 
-def run_and_die(path, die_after, precision, midway):
-  net, params, batches, recipe = _setup()
+def run_and_die(path, die_after, precision, midway, method="gptq"):
+  net, params, batches, recipe = _setup(method)
   qjax.quantize(
     params,
     recipe,
@@ -93,6 +94,10 @@ class _CountingWalk:
     self.calibrated.append(name)
     return self.walk.hessians(name, *args, **kwargs)
 
+  def layer_order(self, name, *args, **kwargs):  # the two-stream driver
+    self.calibrated.append(name)
+    return self.walk.layer_order(name, *args, **kwargs)
+
 
 def _codes(tree):
   return {
@@ -103,8 +108,10 @@ def _codes(tree):
 
 
 class ResumeTest(absltest.TestCase):
-  def _killed_then_resumed(self, die_after, precision="float32", midway=False):
-    net, params, batches, recipe = _setup()
+  def _killed_then_resumed(
+    self, die_after, precision="float32", midway=False, method="gptq"
+  ):
+    net, params, batches, recipe = _setup(method)
     whole = qjax.quantize(
       params, recipe, calib=(net, batches), calib_precision=precision
     )
@@ -114,7 +121,8 @@ class ResumeTest(absltest.TestCase):
         sys.executable,
         "-c",
         "from tests.io.resume_test import run_and_die; "
-        f"run_and_die({path!r}, {die_after}, {precision!r}, {midway})",
+        f"run_and_die({path!r}, {die_after}, {precision!r}, {midway}, "
+        f"{method!r})",
       ],
       cwd=ROOT,
       capture_output=True,
@@ -156,6 +164,26 @@ class ResumeTest(absltest.TestCase):
     # the process dies halfway through recording block 2: that block stays
     # a temporary directory, and the run resumes after block 1
     self._killed_then_resumed(2, midway=True)
+
+  def test_error_diffusion_resumes_both_streams(self):
+    # killed after block 2: block 3's two inputs (float and quantized
+    # stream) come from the log, through the pooling glue's re-run
+    self._killed_then_resumed(2, method="ed")
+
+  def test_error_diffusion_killed_while_writing_a_block(self):
+    self._killed_then_resumed(1, midway=True, method="ed")
+
+  def test_a_log_of_the_other_driver_is_refused(self):
+    net, params, batches, recipe = _setup()
+    path = tempfile.mkdtemp() + "/log"
+    qjax.quantize(
+      params, recipe, calib=(net, batches), resume=resume.BlockLog(path)
+    )
+    ed = _setup("ed")[3]
+    with self.assertRaisesRegex(ValueError, "belongs to another run"):
+      qjax.quantize(
+        params, ed, calib=(net, batches), resume=resume.BlockLog(path)
+      )
 
   def test_another_run_is_refused(self):
     net, params, batches, recipe = _setup()
