@@ -83,9 +83,9 @@ class LlamaLayoutTest(absltest.TestCase):
     run = subprocess.run(
       [
         sys.executable,
-        "-m",
-        "experiments.convert_checkpoint",
-        f"--config=configs/convert.py:source={self.file},layout=raw",
+        "-c",
+        "from experiments import cli; cli.convert()",  # qjax-convert
+        f"--config=convert:source={self.file},layout=raw",  # packaged config
         f"--output={out}",
       ],
       cwd=ROOT,
