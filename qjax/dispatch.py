@@ -110,6 +110,11 @@ def layer_log(records: list | None):
     _LAYER_LOG.reset(token)
 
 
+def current_layer_log() -> list | None:
+  """The list qjax.quantize(..., layer_log=) is filling, or None."""
+  return _LAYER_LOG.get()
+
+
 def _layer_record(path, rule, w, result, stats, start) -> dict:
   """path, method, seconds (the method's wall time, compilation included),
   SQNR of the dequantized leaf, and with a Hessian the calibration loss

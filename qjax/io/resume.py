@@ -25,6 +25,9 @@ off halfway is not read back:
   outputs.json   their dtypes and shapes
   outputs.tree   their tree structure (pickled jax treedef)
   used.json      the indices of the rules matched so far
+  layers.json    the block's records of qjax.quantize(..., layer_log=[]):
+                 a resumed run's log holds every block's, the recorded
+                 ones (times from the first process) first
 
 Only the last block keeps its outputs (earlier ones are deleted: the
 outputs of a 16-window SmolLM2 calibration set are 38 MB per block).
@@ -39,6 +42,7 @@ import shutil
 import jax
 import numpy as np
 
+from qjax import dispatch
 from qjax.io import checkpoint
 
 
@@ -51,6 +55,7 @@ class BlockLog:
 
   def __init__(self, path):
     self.path = pathlib.Path(path)
+    self._logged = 0  # layer_log records already written to a block
 
   def start(self, fingerprint: str, names) -> tuple | None:
     """(last finished index, {name: quantized block}, its outputs, rules
@@ -81,6 +86,7 @@ class BlockLog:
     if not finished:
       return None
     done = {}
+    records = dispatch.current_layer_log()
     for index, d in enumerate(finished):
       name = (d / "name.txt").read_text()
       if d.name != _block_dir(index) or index >= len(names):
@@ -91,6 +97,9 @@ class BlockLog:
           f"block {index} is {names[index]!r}"
         )
       done[name] = _nested(checkpoint.restore(d / "qblock"))
+      if records is not None and (d / "layers.json").exists():
+        records.extend(json.loads((d / "layers.json").read_text()))
+    self._logged = 0 if records is None else len(records)
     last = finished[-1]
     leaves = _load_arrays(last)
     treedef = pickle.loads((last / "outputs.tree").read_bytes())
@@ -111,7 +120,12 @@ class BlockLog:
     _save_arrays(tmp, [np.asarray(x) for x in leaves])
     (tmp / "outputs.tree").write_bytes(pickle.dumps(treedef))
     (tmp / "used.json").write_text(json.dumps(sorted(used)))
+    records = dispatch.current_layer_log()
+    if records is not None:
+      (tmp / "layers.json").write_text(json.dumps(records[self._logged :]))
     os.replace(tmp, final)
+    if records is not None:
+      self._logged = len(records)
     if index:  # only the last block's outputs are ever read back
       previous = self.path / _block_dir(index - 1)
       for f in ("outputs.npz", "outputs.tree", "outputs.json"):

@@ -78,6 +78,7 @@ def run_and_die(path, die_after, precision, midway, method="gptq"):
     calib=(net, batches),
     resume=_DyingLog(path, die_after, midway),
     calib_precision=precision,
+    layer_log=[],
   )
 
 
@@ -112,8 +113,13 @@ class ResumeTest(absltest.TestCase):
     self, die_after, precision="float32", midway=False, method="gptq"
   ):
     net, params, batches, recipe = _setup(method)
+    whole_log, resumed_log = [], []
     whole = qjax.quantize(
-      params, recipe, calib=(net, batches), calib_precision=precision
+      params,
+      recipe,
+      calib=(net, batches),
+      calib_precision=precision,
+      layer_log=whole_log,
     )
     path = tempfile.mkdtemp() + "/log"
     proc = subprocess.run(
@@ -140,6 +146,7 @@ class ResumeTest(absltest.TestCase):
       calib=(walk, batches),
       resume=resume.BlockLog(path),
       calib_precision=precision,
+      layer_log=resumed_log,
     )
     # only the blocks after the recorded ones were calibrated again
     self.assertEqual(walk.calibrated, list(walk.names[finished:]))
@@ -151,6 +158,12 @@ class ResumeTest(absltest.TestCase):
       np.testing.assert_array_equal(
         resumed[b][layer]["kernel"].scale, whole[b][layer]["kernel"].scale
       )
+    # the per-layer log covers the recorded blocks too, in order
+    self.assertEqual(
+      [r["path"] for r in resumed_log], [r["path"] for r in whole_log]
+    )
+    for a, b in zip(resumed_log, whole_log, strict=True):
+      self.assertEqual(a["sqnr_db"], b["sqnr_db"], a["path"])
 
   def test_killed_after_block_1_resumes_to_the_same_codes(self):
     self._killed_then_resumed(1)
