@@ -18,11 +18,14 @@ The inverse, a float orbax checkpoint for tools that cannot read qjax:
     --input=/tmp/smollm2_mxfp4 --output=/tmp/smollm2_float
 
 Prints the totals and the lowest-SQNR layers; the per-leaf summary is
-written to <output>.summary.json (process 0).
+written to <output>.summary.json (process 0). A calibrated conversion with
+--config.resume=True records its finished blocks in <output>.resume and,
+killed and started again, goes on after the last one (deleted at the end).
 """
 
 import json
 import pathlib
+import shutil
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -89,7 +92,7 @@ def run(config, output: str) -> dict:
   block structure come from experiments.tasks.
   """
   from experiments import run_lib, tasks
-  from qjax.io import convert, sources
+  from qjax.io import convert, resume, sources
 
   recipe = run_lib.recipe_from_config(config)
   source = sources.open_source(source_path(config.source), config.layout)
@@ -114,7 +117,10 @@ def run(config, output: str) -> dict:
     )
   task = tasks.get(model)
   params = convert.LazyParams(source)
-  return convert.convert_calibrated(
+  # config.resume: the finished blocks are recorded beside the output, so
+  # a killed conversion started again goes on after the last one.
+  log = pathlib.Path(output).with_name(pathlib.Path(output).name + ".resume")
+  summary = convert.convert_calibrated(
     source,
     recipe,
     output,
@@ -122,7 +128,10 @@ def run(config, output: str) -> dict:
     task.calibration_batches(config),
     max_part_bytes=part,
     allow_unquantized=allow,
+    resume=resume.BlockLog(log) if config.get("resume") else None,
   )
+  shutil.rmtree(log, ignore_errors=True)  # the checkpoint is complete
+  return summary
 
 
 def report(summary: dict) -> str:

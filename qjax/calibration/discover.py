@@ -175,6 +175,10 @@ class _Walk:
     ]
 
   def _rerun_calls(self, index, params) -> list:
+    if not isinstance(params, (dict, nnx.State)):
+      # A re-run applies the whole model: a lazily read tree
+      # (qjax.io.convert.LazyParams) is read whole for it.
+      params = {k: params[k] for k in params}
     calls = [self._call_of(index, params, b) for b in self._batches]
     # Arguments of chained blocks other than x are the anchor's, whichever
     # stream asked first (positions and masks do not depend on it).

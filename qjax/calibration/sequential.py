@@ -113,7 +113,8 @@ def quantize_sequential(
 
   `resume` (qjax.io.resume.BlockLog) records each finished block; a run
   started again with the same log goes on after the last recorded block and
-  gives the codes of an uninterrupted run bit for bit. Not with `emit`.
+  gives the codes of an uninterrupted run bit for bit. With `emit`, the
+  recorded blocks are emitted first, read back from the log one at a time.
 
   Raises:
     ValueError: no batches, fewer than `last_tokens` tokens when the last
@@ -127,8 +128,6 @@ def quantize_sequential(
       f"{', '.join(PRECISIONS)}"
     )
   _check_hook(model, input_hook)
-  if resume is not None and emit is not None:
-    raise ValueError("resume records blocks in memory order; not with emit")
   with blocks.input_hook(input_hook):
     return _sequential(
       params,
@@ -206,14 +205,18 @@ def _sequential(
       fingerprint(recipe, walk, batches, precision, key, hook), walk.names
     )
     if saved is not None:
-      last, done, outputs, saved_used = saved
+      last, recorded, outputs, saved_used = saved
       used |= saved_used
       start = last + 1
       with context():  # float64 outputs stay float64
         outputs = jax.tree.map(jnp.asarray, outputs)
-      if getattr(walk, "needs_tree", False):
-        for name, qblock in done.items():
+      for name, qblock in recorded.items():  # read one at a time
+        if getattr(walk, "needs_tree", False):
           stream = trees.replace(stream, name, qtensor.dequantize_tree(qblock))
+        if emit is None:
+          done[name] = qblock
+        else:
+          emit(name, qblock, trees.get(params, name))
   bar = tqdm(
     walk.names,
     desc="calibrate+quantize",

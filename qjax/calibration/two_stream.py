@@ -103,7 +103,8 @@ def quantize_two_stream(
       fingerprint(recipe, walk, batches, input_hook), walk.names
     )
     if saved is not None:
-      last, done, (outs_f, outs_q), saved_used = saved
+      last, recorded, (outs_f, outs_q), saved_used = saved
+      done = dict(recorded)
       used |= saved_used
       start = last + 1
       outs_f = jax.tree.map(jnp.asarray, outs_f)

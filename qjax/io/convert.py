@@ -312,6 +312,7 @@ def convert_calibrated(
   max_part_bytes: int | None = None,
   progress: bool = True,
   allow_unquantized: bool = False,
+  resume=None,
 ) -> dict:
   """`convert` for calibrated recipes (gptq, magr+rtn, magr+gptq), block by
   block: equal to qjax.quantize(params, recipe, calib=(block_model,
@@ -321,6 +322,12 @@ def convert_calibrated(
     block_model: qjax.calibration.BlockModel of the source's model (e.g.
       qjax.models.smollm2.block_model).
     batches: calibration batches for it.
+    resume: a qjax.io.resume.BlockLog. A killed conversion leaves no
+      checkpoint at `out` (it is written under a temporary name) but the
+      log of its finished blocks; run again with the same log, it writes
+      those blocks from the log (one at a time) and calibrates only the
+      rest, and the checkpoint equals an uninterrupted conversion's leaf
+      for leaf. The caller deletes the log when it is no longer wanted.
     Others: as `convert`.
 
   Raises:
@@ -366,6 +373,7 @@ def convert_calibrated(
       key=key,
       progress=progress,
       emit=emit,
+      resume=resume,
     )
     summary = _record(writer, source, rows)
   summary["peak_rss_bytes"] = peak_rss_bytes()

@@ -3,9 +3,12 @@
   log = qjax.io.resume.BlockLog("workdir/resume")
   qparams = qjax.quantize(params, recipe, calib=(model, batches), resume=log)
 
-GPTQ's sequential mode (qjax.calibration.quantize_sequential) hands the log
-each block as soon as it is quantized, with the outputs the quantized block
-gives (the next block's inputs) and the rules matched so far. A run killed
+GPTQ's sequential mode (qjax.calibration.quantize_sequential, also under a
+streamed conversion, qjax.io.convert.convert_calibrated) and the two-stream
+driver of ED and GPFQ (qjax.calibration.quantize_two_stream, which records
+both streams' outputs) hand the log each block as soon as it is quantized,
+with the outputs the quantized block gives (the next block's inputs) and
+the rules matched so far. A run killed
 after block k and started again with the same log reads blocks 0..k back and
 goes on at block k + 1 from the saved outputs, so its codes are those of an
 uninterrupted run bit for bit (the outputs are stored exactly, in their own
@@ -33,6 +36,7 @@ Only the last block keeps its outputs (earlier ones are deleted: the
 outputs of a 16-window SmolLM2 calibration set are 38 MB per block).
 """
 
+import collections.abc
 import json
 import os
 import pathlib
@@ -58,9 +62,10 @@ class BlockLog:
     self._logged = 0  # layer_log records already written to a block
 
   def start(self, fingerprint: str, names) -> tuple | None:
-    """(last finished index, {name: quantized block}, its outputs, rules
-    used) when the directory holds blocks of this run, or None for a fresh
-    start (the directory is created and stamped).
+    """(last finished index, {name: quantized block} (RecordedBlocks: each
+    block is read from disk when it is accessed), its outputs, rules used)
+    when the directory holds blocks of this run, or None for a fresh start
+    (the directory is created and stamped).
 
     Raises:
       ValueError: the directory belongs to another run, or its blocks are
@@ -85,7 +90,7 @@ class BlockLog:
     finished = sorted(p for p in self.path.glob("block_*") if p.is_dir())
     if not finished:
       return None
-    done = {}
+    done = RecordedBlocks()
     records = dispatch.current_layer_log()
     for index, d in enumerate(finished):
       name = (d / "name.txt").read_text()
@@ -96,7 +101,7 @@ class BlockLog:
           f"resume directory: {d.name} holds block {name!r}, the run's "
           f"block {index} is {names[index]!r}"
         )
-      done[name] = _nested(checkpoint.restore(d / "qblock"))
+      done.dirs[name] = d / "qblock"
       if records is not None and (d / "layers.json").exists():
         records.extend(json.loads((d / "layers.json").read_text()))
     self._logged = 0 if records is None else len(records)
@@ -132,6 +137,24 @@ class BlockLog:
         (previous / f).unlink(missing_ok=True)
 
 
+class RecordedBlocks(collections.abc.Mapping):
+  """{name: quantized block} of the recorded blocks, in order; a block is
+  restored (and verified) from its directory each time it is accessed, so
+  a streamed conversion holds one at a time."""
+
+  def __init__(self):
+    self.dirs = {}
+
+  def __getitem__(self, name):
+    return checkpoint.restore(self.dirs[name])["block"]
+
+  def __iter__(self):
+    return iter(self.dirs)
+
+  def __len__(self):
+    return len(self.dirs)
+
+
 def _save_arrays(d, arrays) -> None:
   """Raw bytes plus dtype names and shapes: exact for any dtype, bfloat16
   and the other ml_dtypes types included."""
@@ -155,7 +178,3 @@ def _load_arrays(d) -> list:
       dtype = np.dtype(jax.numpy.dtype(m["dtype"]))
       out.append(raw.view(dtype).reshape(m["shape"]))
   return out
-
-
-def _nested(restored):
-  return restored["block"]

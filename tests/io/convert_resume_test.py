@@ -1,0 +1,78 @@
+"""A streamed calibrated conversion (qjax.io.convert.convert_calibrated)
+killed after a block resumes from its qjax.io.resume log: the killed run
+leaves no checkpoint, and the resumed one writes the checkpoint of an
+uninterrupted run, calibrating only the blocks the log lacks."""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+
+import qjax
+from qjax.calibration import discover
+from qjax.io import checkpoint, convert, resume, sources
+from tests.io.convert_test import assert_trees_equal
+from tests.io.resume_test import ROOT, _CountingWalk, _DyingLog, _setup
+
+
+def convert_and_die(src, out, log, die_after):
+  net, params, batches, recipe = _setup()
+  convert.convert_calibrated(
+    sources.open_source(src),
+    recipe,
+    out,
+    discover(net, params, batches),
+    batches,
+    progress=False,
+    resume=_DyingLog(log, die_after, midway=False),
+  )
+
+
+class ConvertResumeTest(absltest.TestCase):
+  def test_killed_conversion_resumes_to_the_uninterrupted_checkpoint(self):
+    net, params, batches, recipe = _setup()
+    whole = qjax.quantize(params, recipe, calib=(net, batches))
+    tmp = pathlib.Path(tempfile.mkdtemp())
+    self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
+    src, out, log = tmp / "float", tmp / "int4", tmp / "log"
+    sources.save_float(src, params)
+    proc = subprocess.run(
+      [
+        sys.executable,
+        "-c",
+        "from tests.io.convert_resume_test import convert_and_die; "
+        f"convert_and_die({str(src)!r}, {str(out)!r}, {str(log)!r}, 1)",
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    self.assertEqual(proc.returncode, 3, proc.stderr[-2000:])
+    self.assertFalse(out.exists())  # no half-written checkpoint
+    self.assertLen(list(log.glob("block_*")), 2)
+
+    source = sources.open_source(src)
+    walk = _CountingWalk(discover(net, params, batches))
+    summary = convert.convert_calibrated(
+      source,
+      recipe,
+      out,
+      walk,
+      batches,
+      progress=False,
+      resume=resume.BlockLog(log),
+    )
+    self.assertEqual(walk.calibrated, ["block_2", "block_3"])
+    assert_trees_equal(self, checkpoint.restore(out), whole)
+    # the recorded blocks' leaves are in the summary too
+    self.assertEqual(summary["quantized_leaves"], 8)
+    self.assertIn("block_0/up/kernel", summary["leaves"])
+
+
+if __name__ == "__main__":
+  absltest.main()
