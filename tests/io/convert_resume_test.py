@@ -3,11 +3,8 @@ killed after a block resumes from its qjax.io.resume log: the killed run
 leaves no checkpoint, and the resumed one writes the checkpoint of an
 uninterrupted run, calibrating only the blocks the log lacks."""
 
-import os
 import pathlib
 import shutil
-import subprocess
-import sys
 import tempfile
 
 from absl.testing import absltest
@@ -16,7 +13,12 @@ import qjax
 from qjax.calibration import discover
 from qjax.io import checkpoint, convert, resume, sources
 from tests.io.convert_test import assert_trees_equal
-from tests.io.resume_test import ROOT, _CountingWalk, _DyingLog, _setup
+from tests.io.resume_test import (
+  _CountingWalk,
+  _DyingLog,
+  _setup,
+  run_child_that_dies,
+)
 
 
 def convert_and_die(src, out, log, die_after):
@@ -40,19 +42,11 @@ class ConvertResumeTest(absltest.TestCase):
     self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
     src, out, log = tmp / "float", tmp / "int4", tmp / "log"
     sources.save_float(src, params)
-    proc = subprocess.run(
-      [
-        sys.executable,
-        "-c",
-        "from tests.io.convert_resume_test import convert_and_die; "
-        f"convert_and_die({str(src)!r}, {str(out)!r}, {str(log)!r}, 1)",
-      ],
-      cwd=ROOT,
-      capture_output=True,
-      text=True,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    run_child_that_dies(
+      self,
+      "from tests.io.convert_resume_test import convert_and_die; "
+      f"convert_and_die({str(src)!r}, {str(out)!r}, {str(log)!r}, 1)",
     )
-    self.assertEqual(proc.returncode, 3, proc.stderr[-2000:])
     self.assertFalse(out.exists())  # no half-written checkpoint
     self.assertLen(list(log.glob("block_*")), 2)
 

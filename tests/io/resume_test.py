@@ -82,6 +82,19 @@ def run_and_die(path, die_after, precision, midway, method="gptq"):
   )
 
 
+def run_child_that_dies(test, code: str) -> None:
+  """Runs `python -c code` from the repository root; it must end as a
+  _DyingLog ends it (status 3)."""
+  proc = subprocess.run(
+    [sys.executable, "-c", code],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
+  test.assertEqual(proc.returncode, 3, proc.stderr[-2000:])
+
+
 class _CountingWalk:
   """A discovered walk that counts the blocks it calibrates."""
 
@@ -122,20 +135,12 @@ class ResumeTest(absltest.TestCase):
       layer_log=whole_log,
     )
     path = tempfile.mkdtemp() + "/log"
-    proc = subprocess.run(
-      [
-        sys.executable,
-        "-c",
-        "from tests.io.resume_test import run_and_die; "
-        f"run_and_die({path!r}, {die_after}, {precision!r}, {midway}, "
-        f"{method!r})",
-      ],
-      cwd=ROOT,
-      capture_output=True,
-      text=True,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    run_child_that_dies(
+      self,
+      "from tests.io.resume_test import run_and_die; "
+      f"run_and_die({path!r}, {die_after}, {precision!r}, {midway}, "
+      f"{method!r})",
     )
-    self.assertEqual(proc.returncode, 3, proc.stderr[-2000:])
     recorded = sorted(p.name for p in pathlib.Path(path).glob("block_*"))
     finished = die_after if midway else die_after + 1
     self.assertLen(recorded, finished)
