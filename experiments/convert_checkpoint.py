@@ -119,7 +119,10 @@ def run(config, output: str) -> dict:
   params = convert.LazyParams(source)
   # config.resume: the finished blocks are recorded beside the output, so
   # a killed conversion started again goes on after the last one.
-  log = pathlib.Path(output).with_name(pathlib.Path(output).name + ".resume")
+  log = None
+  if config.get("resume"):
+    out = pathlib.Path(output)
+    log = resume.BlockLog(out.with_name(out.name + ".resume"))
   summary = convert.convert_calibrated(
     source,
     recipe,
@@ -128,9 +131,10 @@ def run(config, output: str) -> dict:
     task.calibration_batches(config),
     max_part_bytes=part,
     allow_unquantized=allow,
-    resume=resume.BlockLog(log) if config.get("resume") else None,
+    resume=log,
   )
-  shutil.rmtree(log, ignore_errors=True)  # the checkpoint is complete
+  if log is not None:  # the checkpoint is complete
+    shutil.rmtree(log.path, ignore_errors=True)
   return summary
 
 

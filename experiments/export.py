@@ -84,7 +84,8 @@ def export(checkpoint, to: str, output, model: str = "") -> dict:
   leaves = tree_leaves(tree)
   names = _names(model, to)
   if names is not None:  # a checkpoint of the first blocks only
-    names = {p: v for p, v in names.items() if p in dict(leaves)}
+    present = {p for p, _ in leaves}
+    names = {p: v for p, v in names.items() if p in present}
   output = pathlib.Path(output)
   if to == "gguf":
     if names is None:
